@@ -1,0 +1,1 @@
+"""LaMP data: tasks, loading and validation, few-shot protocol, prompts, downloads."""

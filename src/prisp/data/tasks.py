@@ -1,0 +1,112 @@
+"""The LaMP tasks: names, profile fields, label sets, decoding lengths.
+
+One :class:`TaskSpec` per task keeps every task-specific fact in one table, so code
+elsewhere asks the spec instead of branching on task names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from prisp.errors import DataError
+
+LAMP1_LABELS: tuple[str, ...] = ("[1]", "[2]")
+LAMP2_TAGS: tuple[str, ...] = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
+    "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
+)
+# LaMP v1 news categorization (HuffPost); the fallback when a questions file does not list its categories.
+LAMP2N_OFFICIAL_CATEGORIES: tuple[str, ...] = (
+    "women", "religion", "politics", "style & beauty", "entertainment", "culture & arts", "sports",
+    "science & technology", "travel", "business", "crime", "education", "healthy living", "parents",
+    "food & drink",
+)
+LAMP3_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Static facts about one LaMP task.
+
+    Attributes:
+        name: canonical name, e.g. ``"LaMP-4"``.
+        kind: ``"classification"``, ``"regression"`` or ``"generation"``.
+        profile_fields: fields every profile item must carry (besides ``id``; ``date`` is optional).
+        query_fields: profile fields whose text BM25 indexes for retrieval.
+        labels: the fixed label set (classification/regression); empty when read from the data.
+        max_new_tokens: decoding budget; short for labels, longer for text.
+        official_dir: the directory name on the LaMP download server.
+    """
+
+    name: str
+    kind: str
+    profile_fields: tuple[str, ...]
+    query_fields: tuple[str, ...]
+    labels: tuple[str, ...]
+    max_new_tokens: int
+    official_dir: str
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == "classification"
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("LaMP-1", "classification", ("title", "abstract"), ("title", "abstract"), LAMP1_LABELS, 8,
+                 "LaMP_1"),
+        TaskSpec("LaMP-2", "classification", ("description", "tag"), ("description",), LAMP2_TAGS, 10,
+                 "LaMP_2/new"),
+        TaskSpec("LaMP-2N", "classification", ("text", "title", "category"), ("title", "text"), (), 10,
+                 "LaMP_2"),
+        TaskSpec("LaMP-3", "regression", ("text", "score"), ("text",), LAMP3_LABELS, 4, "LaMP_3"),
+        TaskSpec("LaMP-4", "generation", ("text", "title"), ("text",), (), 32, "LaMP_4"),
+        TaskSpec("LaMP-5", "generation", ("title", "abstract"), ("abstract",), (), 32, "LaMP_5"),
+        TaskSpec("LaMP-7", "generation", ("text",), ("text",), (), 64, "LaMP_7"),
+    )
+}
+
+_NAME_RE = re.compile(r"^lamp[-_ ]?(\d)(n?)$", re.IGNORECASE)
+
+
+def normalize_task_name(name: str) -> str:
+    """Map ``LaMP_4``, ``lamp-4``, ``LaMP-2N`` ... to the canonical ``LaMP-4`` form.
+
+    Raises:
+        DataError: the name is not a LaMP task prisp supports.
+    """
+    match = _NAME_RE.match(str(name).strip())
+    canonical = f"LaMP-{match.group(1)}{match.group(2).upper()}" if match else str(name)
+    if canonical not in TASKS:
+        raise DataError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
+    return canonical
+
+
+def get_task(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` for ``name`` in any accepted spelling."""
+    return TASKS[normalize_task_name(name)]
+
+
+_CATEGORIES_RE = re.compile(r"categories:\s*\[([^\]]*)\]", re.IGNORECASE)
+
+
+def categories_from_input(text: str) -> tuple[str, ...]:
+    """The category list a LaMP-2N input names (``categories: [a, b, ...]``), or ``()``."""
+    match = _CATEGORIES_RE.search(text)
+    if not match:
+        return ()
+    return tuple(c.strip() for c in match.group(1).split(",") if c.strip())
+
+
+def label_set(task: str, inputs: list[str] | None = None) -> tuple[str, ...]:
+    """The label set for ``task``; for LaMP-2N read from ``inputs`` when they list categories."""
+    spec = get_task(task)
+    if spec.name == "LaMP-2N":
+        for text in inputs or []:
+            found = categories_from_input(text)
+            if found:
+                return found
+        return LAMP2N_OFFICIAL_CATEGORIES
+    return spec.labels
