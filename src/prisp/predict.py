@@ -1,0 +1,123 @@
+"""Answer a LaMP split with a (possibly adapted) base model under a prompt method.
+
+Methods are a small table of prompt builders, so adding PAG or a personalized method later means
+adding a row, not threading flags through the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from prisp.data.lamp import LampSplit, Query
+from prisp.data.prompts import query_prompt, retrieval_query, with_context
+from prisp.data.protocol import DEFAULT_K, recent_items
+from prisp.data.tasks import get_task, label_set
+from prisp.errors import DataError
+from prisp.generation import GenerationConfig, GenerationResult, generate
+from prisp.retrieval import Bm25Retriever
+
+
+@dataclass(frozen=True)
+class PromptMethod:
+    """How a query becomes a prompt: the Table 16 prompt plus optional retrieved history."""
+
+    name: str
+    description: str
+    retrieve: bool
+
+
+METHODS: dict[str, PromptMethod] = {
+    "np": PromptMethod("np", "no personalization: the task prompt alone", retrieve=False),
+    "rag": PromptMethod("rag", "BM25 top-k of the user's recent history prepended", retrieve=True),
+}
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Options for one prediction run.
+
+    Attributes:
+        method: a key of :data:`METHODS`.
+        k: items retrieved per query (RAG).
+        history: how many of the user's most recent items retrieval sees (few-shot protocol: 10; 0 = all).
+        limit: answer only the first ``limit`` queries (None = all).
+    """
+
+    method: str = "np"
+    k: int = 1
+    history: int = DEFAULT_K
+    limit: int | None = None
+    generation: GenerationConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DataError(f"unknown method {self.method!r}; expected one of: {', '.join(METHODS)}")
+        if self.k < 1:
+            raise DataError(f"--k must be at least 1, got {self.k}")
+        if self.history < 0:
+            raise DataError(f"--history must be >= 0, got {self.history}")
+        if self.limit is not None and self.limit < 1:
+            raise DataError(f"--limit must be at least 1, got {self.limit}")
+
+
+@dataclass
+class PredictionRun:
+    """Predictions in query order, with the prompts used and the decoding cost."""
+
+    task: str
+    ids: list[str]
+    prompts: list[str]
+    outputs: list[str]
+    generation: GenerationResult
+    golds: list[str | None] = field(default_factory=list)
+
+    def as_lamp_outputs(self) -> dict:
+        return {"task": self.task, "golds": [{"id": i, "output": o} for i, o in zip(self.ids, self.outputs)]}
+
+
+def build_prompt(task: str, query: Query, method: PromptMethod, config: PredictConfig,
+                 labels: Sequence[str]) -> str:
+    """The prompt for one query under ``method``."""
+    prompt = query_prompt(task, query.input, labels)
+    if not method.retrieve:
+        return prompt
+    history = recent_items(query.profile, config.history) if config.history else list(query.profile)
+    retrieved = Bm25Retriever(task, history).top_k(retrieval_query(task, query.input), config.k)
+    return with_context(prompt, task, retrieved)
+
+
+def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
+                  on_batch: Callable[[int], None] | None = None) -> PredictionRun:
+    """Answer the queries of ``split`` (the first ``config.limit`` of them)."""
+    queries = split.queries[: config.limit] if config.limit else split.queries
+    if not queries:
+        raise DataError(f"{split.task} {split.split}: no queries to answer")
+    spec = get_task(split.task)
+    labels = label_set(spec.name, split.inputs)
+    method = METHODS[config.method]
+    prompts = [build_prompt(spec.name, q, method, config, labels) for q in queries]
+    gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens)
+    result = generate(model, tokenizer, prompts, gen_config, on_batch=on_batch)
+    return PredictionRun(spec.name, [q.id for q in queries], prompts, result.texts, result,
+                         [q.gold for q in queries])
+
+
+def write_json_atomic(path: Path | str, payload: object) -> None:
+    """Write JSON via a temporary file and rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, ensure_ascii=False, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
