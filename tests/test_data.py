@@ -59,7 +59,7 @@ def test_valid_split_loads_typed_records_and_groups_users(tmp_path):
         (lambda q, o: q[0]["profile"][0].pop("id"), ["'q0'", "missing field 'id'"]),
         (lambda q, o: o["golds"].pop(), ["'q1'", "has no gold", "dev_outputs.json"]),
         (lambda q, o: o.__setitem__("task", "LaMP_9"), ["dev_outputs.json", "unknown task"]),
-        (lambda q, o: o.__setitem__("task", "LaMP_5"), ["for LaMP-5", "LaMP-4 was requested"]),
+        (lambda q, o: o.__setitem__("task", "LaMP_5"), ["for 'LaMP_5'", "'LaMP-4' was requested"]),
         (lambda q, o: o.pop("golds"), ["dev_outputs.json", "'golds'"]),
         (lambda q, o: q.append(dict(q[0])), ["'q0'", "duplicate id"]),
     ],

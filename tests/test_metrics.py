@@ -205,6 +205,8 @@ def test_evaluate_files_missing_prediction_names_id_and_file(tmp_path):
     preds = write_outputs(tmp_path / "p.json", "LaMP_4", [("1", "a")])
     with pytest.raises(DataError, match=r"no prediction for id '2'.*p\.json"):
         evaluate_files("LaMP-4", golds, preds)
+    # --partial scores the predicted subset only: one exact match -> ROUGE 1.0.
+    assert evaluate_files("LaMP-4", golds, preds, partial=True) == {"rouge-1": 1.0, "rouge-L": 1.0}
 
 
 def test_evaluate_files_extra_prediction_names_id_and_file(tmp_path):
@@ -235,7 +237,7 @@ def test_evaluate_files_malformed_json_and_missing_fields(tmp_path):
     no_output.write_text(json.dumps({"task": "LaMP_4", "golds": [{"id": "1"}]}))
     with pytest.raises(DataError, match=r"no_output\.json.*'output'"):
         evaluate_files("LaMP-4", good, no_output)
-    with pytest.raises(DataError, match=r"missing\.json.*does not exist"):
+    with pytest.raises(DataError, match=r"file not found: .*missing\.json"):
         evaluate_files("LaMP-4", good, tmp_path / "missing.json")
 
 

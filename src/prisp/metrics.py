@@ -18,13 +18,12 @@ LaMP results:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from prisp.data.tasks import TaskSpec, get_task, label_set, normalize_task_name
+from prisp.data.lamp import parse_outputs, read_json
+from prisp.data.tasks import get_task, label_set
 from prisp.errors import DataError
 
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
@@ -154,6 +153,7 @@ def evaluate_files(
     golds_path: str | Path,
     preds_path: str | Path,
     questions_path: str | Path | None = None,
+    partial: bool = False,
 ) -> dict[str, float]:
     """Score a LaMP predictions file against a LaMP outputs file, matching by id.
 
@@ -166,6 +166,7 @@ def evaluate_files(
         preds_path: the predictions file, same format.
         questions_path: the questions file (``[{"id", "input", "profile"}]``); for LaMP-2N
             its inputs supply the category list, otherwise the official fallback is used.
+        partial: score only the golds that have a prediction (e.g. after ``predict --limit``).
 
     Returns:
         The same metrics as :func:`evaluate`, in golds-file order.
@@ -175,11 +176,14 @@ def evaluate_files(
             one to one between the files.
     """
     spec = get_task(task)
-    golds = _read_outputs(Path(golds_path), spec)
-    preds = _read_outputs(Path(preds_path), spec)
+    _, golds = parse_outputs(read_json(Path(golds_path)), spec.name, golds_path)
+    _, preds = parse_outputs(read_json(Path(preds_path)), spec.name, preds_path)
+    if partial:
+        golds = {i: g for i, g in golds.items() if i in preds}
     for gold_id in golds:
         if gold_id not in preds:
-            raise DataError(f"no prediction for id {gold_id!r} of {str(golds_path)!r} in {str(preds_path)!r}")
+            raise DataError(f"no prediction for id {gold_id!r} of {str(golds_path)!r} in {str(preds_path)!r} "
+                            "(use --partial to score a subset)")
     for pred_id in preds:
         if pred_id not in golds:
             raise DataError(f"prediction id {pred_id!r} in {str(preds_path)!r} is not in {str(golds_path)!r}")
@@ -191,61 +195,8 @@ def evaluate_files(
     return evaluate(spec.name, [golds[i] for i in ids], [preds[i] for i in ids], labels)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise DataError(f"{str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {str(path)!r}: {error}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{str(path)!r} is not valid JSON (line {error.lineno}: {error.msg})") from None
-
-
-def _file_task_matches(file_task: str, spec: TaskSpec) -> bool:
-    canonical = normalize_task_name(file_task)
-    # Official LaMP v1 files call news categorisation (our LaMP-2N) "LaMP_2", after its directory.
-    official = normalize_task_name(spec.official_dir.split("/")[0])
-    return canonical in (spec.name, official)
-
-
-def _read_outputs(path: Path, spec: TaskSpec) -> dict[str, str]:
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        kind = type(data).__name__
-        raise DataError(f"{str(path)!r}: expected an object with 'task' and 'golds', got {kind}")
-    for key in ("task", "golds"):
-        if key not in data:
-            raise DataError(f"{str(path)!r}: missing field {key!r}")
-    file_task = data["task"]
-    if not isinstance(file_task, str):
-        raise DataError(f"{str(path)!r}: field 'task' must be a string")
-    try:
-        matches = _file_task_matches(file_task, spec)
-    except DataError:
-        raise DataError(f"{str(path)!r}: field 'task' names an unknown task {file_task!r}") from None
-    if not matches:
-        raise DataError(f"{str(path)!r} is for task {file_task!r} but {spec.name!r} was requested")
-    if not isinstance(data["golds"], list):
-        raise DataError(f"{str(path)!r}: field 'golds' must be a list")
-    outputs: dict[str, str] = {}
-    for i, entry in enumerate(data["golds"]):
-        if not isinstance(entry, dict) or "id" not in entry or "output" not in entry:
-            raise DataError(f"{str(path)!r}: golds[{i}] must be an object with fields 'id' and 'output'")
-        if not isinstance(entry["id"], (str, int)) or isinstance(entry["id"], bool):
-            raise DataError(f"{str(path)!r}: golds[{i}].id must be a string")
-        if not isinstance(entry["output"], str):
-            raise DataError(f"{str(path)!r}: golds[{i}].output must be a string")
-        item_id = str(entry["id"])
-        if item_id in outputs:
-            raise DataError(f"{str(path)!r}: id {item_id!r} appears more than once")
-        outputs[item_id] = entry["output"]
-    return outputs
-
-
 def _read_question_inputs(path: Path) -> list[str]:
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{str(path)!r}: expected a list of questions, got {type(data).__name__}")
     inputs: list[str] = []

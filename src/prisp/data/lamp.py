@@ -76,7 +76,7 @@ def group_by_user(queries: list[Query]) -> dict[str, list[Query]]:
     return users
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
@@ -143,6 +143,12 @@ def parse_questions(raw: Any, task: str, path: Path | str) -> list[tuple[str, st
     return records
 
 
+def _same_task(file_task: str, requested: str) -> bool:
+    # Official LaMP v1 files name news categorization (our LaMP-2N) "LaMP_2", after its directory.
+    official = normalize_task_name(get_task(requested).official_dir.split("/")[0])
+    return file_task in (requested, official)
+
+
 def parse_outputs(raw: Any, task: str | None, path: Path | str) -> tuple[str, dict[str, str]]:
     """Validate an outputs document; returns ``(canonical task, {id: output})``.
 
@@ -157,8 +163,8 @@ def parse_outputs(raw: Any, task: str | None, path: Path | str) -> tuple[str, di
         file_task = normalize_task_name(raw["task"])
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from None
-    if task is not None and file_task != normalize_task_name(task):
-        raise DataError(f"{path}: file is for {file_task}, but task {normalize_task_name(task)} was requested")
+    if task is not None and not _same_task(file_task, normalize_task_name(task)):
+        raise DataError(f"{path}: file is for {raw['task']!r}, but task {normalize_task_name(task)!r} was requested")
     if not isinstance(raw["golds"], list):
         raise DataError(f"{path}: field 'golds' must be a list")
     outputs: dict[str, str] = {}
@@ -187,11 +193,11 @@ def load_split(questions_path: Path | str, outputs_path: Path | str | None, task
     """
     task = normalize_task_name(task)
     questions_path = Path(questions_path)
-    records = parse_questions(_read_json(questions_path), task, questions_path)
+    records = parse_questions(read_json(questions_path), task, questions_path)
     golds: dict[str, str] = {}
     if outputs_path is not None:
         outputs_path = Path(outputs_path)
-        _, golds = parse_outputs(_read_json(outputs_path), task, outputs_path)
+        _, golds = parse_outputs(read_json(outputs_path), task, outputs_path)
         for qid, _, _ in records:
             if qid not in golds:
                 raise DataError(f"{questions_path}: query {qid!r} has no gold in {outputs_path}")
@@ -230,4 +236,4 @@ def load_task_split(data_dir: Path | str, task: str, split: str, require_golds: 
 def load_history(path: Path | str, task: str) -> tuple[ProfileItem, ...]:
     """Load a JSON list of LaMP profile items (one user's history)."""
     path = Path(path)
-    return parse_profile(_read_json(path), normalize_task_name(task), str(path))
+    return parse_profile(read_json(path), normalize_task_name(task), str(path))

@@ -1,0 +1,5 @@
+"""``python -m prisp``."""
+
+from prisp.cli import main
+
+main()
