@@ -1,0 +1,395 @@
+"""The one training loop every method uses (task adaptation, PRISP, OPPU, ablations, hypernet).
+
+Sharing the loop keeps comparisons fair: same batching, optimiser, schedule, clipping and
+the same bookkeeping of wall time and peak memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100  # label value the causal-LM loss skips
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train`.
+
+    Attributes:
+        epochs: Passes over the examples.
+        batch_size: Examples per optimiser step.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of the steps spent warming up linearly; then linear decay.
+        max_grad_norm: Gradient-norm clip; None disables clipping.
+        seed: Seeds the shuffling and dropout (the caller's RNG state is restored after).
+        max_length: Longest sequence in tokens; longer examples lose the left of their prompt.
+        progress: Show a tqdm progress bar.
+        micro_batch_size: Split each batch into chunks this big to bound memory; gradients
+            are accumulated so the update equals the full batch's. None: no split.
+    """
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    max_length: int = 512
+    progress: bool = True
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": isinstance(self.epochs, int) and self.epochs >= 1,
+            "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "lr": isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+            "weight_decay": isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+            "warmup_ratio": isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "seed": isinstance(self.seed, int),
+            "max_length": isinstance(self.max_length, int) and self.max_length >= 2,
+            "micro_batch_size": self.micro_batch_size is None
+            or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
+        }
+        for option, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid training option {option}={getattr(self, option)!r}")
+
+
+@dataclass
+class Example:
+    """One supervised example: the model should answer ``prompt`` with ``answer``."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids ready for the loop.
+
+    Attributes:
+        input_ids: Prompt then answer tokens.
+        labels: ``IGNORE_INDEX`` on prompt tokens, the token id on answer tokens.
+        truncated: Whether the prompt lost tokens to fit a length limit.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def tokenize_examples(
+    tokenizer, examples: Sequence[Example], max_length: int, chat: bool = True
+) -> list[TokenizedExample]:
+    """Tokenize prompt/answer pairs with the loss on answer tokens only.
+
+    With ``chat`` and a tokenizer that has a chat template, the prompt is rendered as a user
+    turn plus the generation prompt, exactly as at inference; the answer (no special
+    tokens, so format any leading space into it) and EOS follow.
+
+    Raises:
+        ValueError: An example has no answer tokens.
+    """
+    use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for index, example in enumerate(examples):
+        if use_chat:
+            messages = [{"role": "user", "content": example.prompt}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The template already carries BOS and friends.
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
+        if not answer_ids:
+            raise ValueError(f"example {index} has an empty answer and the tokenizer has no EOS")
+        raw = TokenizedExample(
+            input_ids=list(prompt_ids) + answer_ids,
+            labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+        )
+        out.append(fit_example(raw, max_length))
+    return out
+
+
+def fit_example(example: TokenizedExample, max_length: int) -> TokenizedExample:
+    """Cut an over-long example to ``max_length`` from the left of its prompt.
+
+    The answer is what we learn from, so it survives; only an answer longer than the limit
+    is itself cut (from its end, keeping one prompt token to predict its first token).
+    """
+    if len(example.input_ids) <= max_length:
+        return example
+    labels = example.labels
+    n_prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    n_answer = len(example.input_ids) - n_prompt
+    keep_answer = min(n_answer, max_length - 1 if n_prompt else max_length)
+    keep_prompt = max_length - keep_answer
+    kept = slice(n_prompt - keep_prompt, n_prompt + keep_answer)
+    return TokenizedExample(input_ids=example.input_ids[kept], labels=example.labels[kept], truncated=True)
+
+
+def collate(
+    examples: Sequence[TokenizedExample], pad_id: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """Right-pad a batch into ``input_ids``, ``attention_mask`` and ``labels``, each ``[b, T]``."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # [b, T]
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # [b, T]
+    mask = torch.zeros((len(examples), length), dtype=torch.long)  # [b, T]
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Default loss: the model's own shifted cross-entropy, mean over answer tokens."""
+    return model(**batch).loss
+
+
+def warmup_then_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear rise over ``warmup_steps``, then linear decay towards zero.
+
+    Neither end is exactly zero, so with the few steps of few-shot training no step is
+    wasted at lr 0.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    """What a run did and cost.
+
+    Attributes:
+        steps: Optimiser steps taken.
+        epochs: Passes over the examples.
+        examples: Number of examples given.
+        truncated: Examples whose prompt was cut to ``max_length``.
+        trainable_params: Sum of ``numel`` over the trained parameters.
+        losses: Loss per step.
+        lrs: Learning rate used at each step.
+        seconds: Wall time of the loop.
+        device: Device of the trained parameters.
+        peak_rss_mb: Highest resident set size sampled during the loop (CPU), or None.
+        peak_rss_delta_mb: That peak minus the resident size before the loop, or None.
+        process_peak_rss_mb: Lifetime high-water mark of the process (``ru_maxrss``).
+        peak_cuda_mb: Peak CUDA memory allocated during the loop, or None on CPU.
+    """
+
+    steps: int
+    epochs: int
+    examples: int
+    truncated: int
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    peak_rss_mb: float | None = None
+    peak_rss_delta_mb: float | None = None
+    process_peak_rss_mb: float | None = None
+    peak_cuda_mb: float | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Loss of the last step (NaN when no step ran)."""
+        return self.losses[-1] if self.losses else math.nan
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def _current_rss_mb() -> float | None:
+    """Resident set size now, from /proc (Linux); None where unavailable."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _MemoryMonitor:
+    """Peak memory over a block: sampled RSS in a daemon thread, CUDA peak stats."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.baseline = self.peak = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prisp-rss-sampler", daemon=True)
+
+    def sample(self) -> None:
+        rss = _current_rss_mb()
+        if rss is not None:
+            self.peak = rss if self.peak is None else max(self.peak, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> _MemoryMonitor:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = _current_rss_mb()
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def report(self) -> dict[str, float | None]:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cuda = self.device.type == "cuda"
+        return {
+            "peak_rss_mb": self.peak,
+            "peak_rss_delta_mb": None if self.peak is None else self.peak - self.baseline,
+            # ru_maxrss is in bytes on macOS, KiB on Linux.
+            "process_peak_rss_mb": maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
+        }
+
+
+def _check_params(params: Sequence[nn.Parameter]) -> None:
+    if not params:
+        raise ValueError("train() needs at least one parameter to train")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("train() was given the same parameter twice")
+    if not all(p.requires_grad for p in params):
+        raise ValueError("every parameter given to train() must have requires_grad=True")
+
+
+def _target_count(example: TokenizedExample) -> int:
+    """Tokens the shifted causal-LM loss scores for this example."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def _step(model, params, batch, optimizer, config: TrainConfig, loss_fn: LossFn, pad_id: int) -> float:
+    """One optimiser step over ``batch``, in micro-batches weighted by scored tokens."""
+    optimizer.zero_grad(set_to_none=True)
+    device = params[0].device
+    total = sum(_target_count(e) for e in batch)
+    micro = config.micro_batch_size or len(batch)
+    value = 0.0
+    for start in range(0, len(batch), micro):
+        chunk = batch[start : start + micro]
+        # Each chunk's loss is a mean over its tokens; re-weighting makes the sum the batch mean.
+        weight = sum(_target_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
+        loss = loss_fn(model, collate(chunk, pad_id, device)) * weight
+        loss.backward()
+        value += loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value}; lower the learning rate")
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    return value
+
+
+def _batches(fitted: list[TokenizedExample], config: TrainConfig) -> Iterator[list[TokenizedExample]]:
+    """Batches in a seeded random order, reshuffled each epoch (last batch may be short)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.epochs):
+        order = torch.randperm(len(fitted), generator=generator).tolist()
+        for first in range(0, len(order), config.batch_size):
+            yield [fitted[i] for i in order[first : first + config.batch_size]]
+
+
+def train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    examples: Sequence[TokenizedExample],
+    config: TrainConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    pad_id: int = 0,
+) -> TrainResult:
+    """Train exactly ``params`` of ``model`` on ``examples``.
+
+    AdamW, linear warm-up then linear decay, gradient clipping, seeded shuffling and dropout
+    (the caller's RNG state is restored afterwards). The model is in train mode during the
+    loop and every submodule gets its previous mode back after.
+
+    Args:
+        model: Any module whose forward takes the collated batch (e.g. a peft model).
+        params: The parameters to optimise; all must have ``requires_grad``. Other
+            parameters should be frozen (see ``prisp.adapters.set_trainable``).
+        examples: Tokenized examples; those over ``config.max_length`` are cut.
+        config: Loop options.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean over the batch's answer tokens;
+            defaults to the model's causal-LM loss.
+        pad_id: Token id used for right padding (masked out, so any valid id works).
+
+    Returns:
+        Losses, learning rates, time and memory of the run.
+    """
+    _check_params(params)
+    if not examples:
+        raise ValueError("train() needs at least one example")
+    fitted = [fit_example(e, config.max_length) for e in examples]
+    device = params[0].device
+    total_steps = math.ceil(len(fitted) / config.batch_size) * config.epochs
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = LambdaLR(optimizer, warmup_then_decay(total_steps, round(config.warmup_ratio * total_steps)))
+    result = TrainResult(
+        steps=0,
+        epochs=config.epochs,
+        examples=len(fitted),
+        truncated=sum(e.truncated for e in fitted),
+        trainable_params=sum(p.numel() for p in params),
+        device=str(device),
+    )
+    modes = {module: module.training for module in model.modules()}
+    monitor = _MemoryMonitor(device)
+    bar = tqdm(total=total_steps, disable=not config.progress, desc="train", leave=False)
+    start = time.perf_counter()
+    try:
+        model.train()
+        with monitor, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)  # dropout masks
+            for batch in _batches(fitted, config):
+                result.lrs.append(optimizer.param_groups[0]["lr"])
+                loss = _step(model, params, batch, optimizer, config, loss_fn or causal_lm_loss, pad_id)
+                result.losses.append(loss)
+                scheduler.step()
+                result.steps += 1
+                monitor.sample()
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    finally:
+        bar.close()
+        for module, mode in modes.items():
+            module.training = mode
+    result.seconds = time.perf_counter() - start
+    for name, value in monitor.report().items():
+        setattr(result, name, value)
+    return result
