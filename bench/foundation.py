@@ -72,7 +72,9 @@ def write_report(path: Path, rows: list[dict], args) -> None:
         "",
         f"Model `smollm2-135m` (SmolLM2-135M-Instruct, fp32 from the packaged GGUF), greedy decoding, "
         f"data `{args.data}` split `{args.split}` (offline LaMP proxies; not comparable with published LaMP numbers). "
-        f"RAG retrieves from each user's 10 most recent profile items. Machine: {platform.machine()}, "
+        f"RAG retrieves from each user's 10 most recent profile items. Label answers that start with a label are "
+        f"snapped onto it (`1` -> `[1]`, `Politics.` -> `politics`; `--no-snap` turns it off); the metric itself is "
+        f"the official one. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch threads {args.threads}; git {rev.strip()}.",
         "",
         "Produced by:",

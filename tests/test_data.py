@@ -210,3 +210,19 @@ def test_bm25_retrieves_the_overlapping_item_and_handles_empty_history():
     assert [i.id for i in retriever.top_k(retrieval_query("LaMP-4", LAMP4_INPUT), 1)] == ["1"]
     assert len(retriever.top_k("nothing matches", 2)) == 2  # ties keep chronological order
     assert Bm25Retriever(spec.name, []).top_k("anything", 1) == []
+
+
+def test_snap_to_label_accepts_only_answers_that_start_with_a_label():
+    from prisp.data.tasks import LAMP1_LABELS, LAMP3_LABELS, snap_to_label
+
+    assert snap_to_label("1", LAMP1_LABELS) == "[1]"
+    assert snap_to_label("[2] - SimCSE: Simple", LAMP1_LABELS) == "[2]"
+    assert snap_to_label("1. The most relevant", LAMP1_LABELS) == "[1]"
+    assert snap_to_label("The most relevant is [1]", LAMP1_LABELS) == "The most relevant is [1]"
+    assert snap_to_label("12", LAMP1_LABELS) == "12"
+    assert snap_to_label("4 stars", LAMP3_LABELS) == "4" and snap_to_label("10", LAMP3_LABELS) == "10"
+    news = ("politics", "u.s. news", "world news")
+    assert snap_to_label(" Politics.", news) == "politics"
+    assert snap_to_label("U.S. News", news) == "u.s. news"
+    assert snap_to_label("This article is about politics", news) == "This article is about politics"
+    assert snap_to_label("anything", ()) == "anything"

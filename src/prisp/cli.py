@@ -87,6 +87,7 @@ def predict(
     adapter: Optional[Path] = typer.Option(None, help="A peft LoRA adapter directory to apply."),
     limit: Optional[int] = typer.Option(None, help="Answer only the first N queries."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
+    snap: bool = typer.Option(True, help="Map label answers that start with a label onto it ('1' -> '[1]')."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: $PRISP_THREADS or torch's]."),
 ) -> None:
     """Answer a LaMP split with NP or RAG prompts and write the predictions."""
@@ -98,7 +99,7 @@ def predict(
     from prisp.predict import PredictConfig, predict_split, write_json_atomic
 
     spec = get_task(task)
-    config = PredictConfig(method=method, k=k, history=history, limit=limit,
+    config = PredictConfig(method=method, k=k, history=history, limit=limit, snap_labels=snap,
                            generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
     split_data = load_task_split(data or default_data_dir(), spec.name, split, require_golds=False)
     loaded = load_for_inference(model, adapter, threads)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from prisp.data.lamp import LampSplit, Query
 from prisp.data.prompts import query_prompt, retrieval_query, with_context
 from prisp.data.protocol import DEFAULT_K, recent_items
-from prisp.data.tasks import get_task, label_set
+from prisp.data.tasks import get_task, label_set, snap_to_label
 from prisp.errors import DataError
 from prisp.generation import GenerationConfig, GenerationResult, generate
 from prisp.retrieval import Bm25Retriever
@@ -46,6 +46,8 @@ class PredictConfig:
         k: items retrieved per query (RAG).
         history: how many of the user's most recent items retrieval sees (few-shot protocol: 10; 0 = all).
         limit: answer only the first ``limit`` queries (None = all).
+        generation: decoding options (default: greedy with the task's ``max_new_tokens``).
+        snap_labels: map label-task answers that start with a label onto it (see ``snap_to_label``).
     """
 
     method: str = "np"
@@ -53,6 +55,7 @@ class PredictConfig:
     history: int = DEFAULT_K
     limit: int | None = None
     generation: GenerationConfig | None = None
+    snap_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +78,7 @@ class PredictionRun:
     outputs: list[str]
     generation: GenerationResult
     golds: list[str | None] = field(default_factory=list)
+    raw_outputs: list[str] = field(default_factory=list)
 
     def as_lamp_outputs(self) -> dict:
         return {"task": self.task, "golds": [{"id": i, "output": o} for i, o in zip(self.ids, self.outputs)]}
@@ -103,8 +107,9 @@ def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
     prompts = [build_prompt(spec.name, q, method, config, labels) for q in queries]
     gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens)
     result = generate(model, tokenizer, prompts, gen_config, on_batch=on_batch)
-    return PredictionRun(spec.name, [q.id for q in queries], prompts, result.texts, result,
-                         [q.gold for q in queries])
+    outputs = [snap_to_label(t, labels) for t in result.texts] if config.snap_labels else list(result.texts)
+    return PredictionRun(spec.name, [q.id for q in queries], prompts, outputs, result,
+                         [q.gold for q in queries], list(result.texts))
 
 
 def write_json_atomic(path: Path | str, payload: object) -> None:

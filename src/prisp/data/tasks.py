@@ -110,3 +110,29 @@ def label_set(task: str, inputs: list[str] | None = None) -> tuple[str, ...]:
                 return found
         return LAMP2N_OFFICIAL_CATEGORIES
     return spec.labels
+
+
+_EDGE_PUNCT = " \t\n\"'`*.:;,!"
+
+
+def snap_to_label(text: str, labels: tuple[str, ...] | list[str]) -> str:
+    """Map a model answer to a label when it unambiguously *starts* with one; else return it unchanged.
+
+    Small models answer "1" where LaMP-1's gold is "[1]", or "Politics." for "politics". The official metric
+    counts those wrong; this snap (applied to predictions, never inside the metric) only accepts an answer
+    whose first token is a label (case-insensitive, a bare digit standing for "[digit]"), and never searches
+    further into the text, so a rambling answer that mentions a label later stays wrong.
+    """
+    if not labels:
+        return text
+    stripped = text.strip().strip(_EDGE_PUNCT)
+    lowered = stripped.lower()
+    by_length = sorted(labels, key=len, reverse=True)
+    for label in by_length:
+        if lowered == label.lower():
+            return label
+    for label in by_length:
+        for form in {label.lower(), label.lower().strip("[]")}:
+            if lowered.startswith(form) and not lowered[len(form):len(form) + 1].isalnum():
+                return label
+    return text
