@@ -80,7 +80,11 @@ def predict(
     out: Path = typer.Option(..., help="Where to write predictions (LaMP outputs format)."),
     data: Optional[Path] = typer.Option(None, help="Data directory [default: $PRISP_DATA or the packaged sample]."),
     split: str = typer.Option("dev", help="Split name: reads {split}_questions.json."),
-    method: str = typer.Option("np", help="Prompt method: np | rag."),
+    method: str = typer.Option("np", help="np | rag, or a personalization strategy: prisp | oppu | full-lora | "
+                                          "no-bridge | bridge-only (needs --anchor)."),
+    anchor: Optional[Path] = typer.Option(None, help="Anchor LoRA directory for personalized methods."),
+    rag: bool = typer.Option(False, help="Personalized methods: also prepend the BM25 top-k item to prompts."),
+    cache: Optional[Path] = typer.Option(None, help="Per-user adapter cache [default: $PRISP_HOME/adapters]."),
     k: int = typer.Option(1, help="Items retrieved per query (rag)."),
     history: int = typer.Option(10, help="Recent history items retrieval may use (0 = whole profile)."),
     model: str = typer.Option("smollm2-135m", help="Registered name, local model dir or cached HF id."),
@@ -98,18 +102,49 @@ def predict(
     from prisp.generation import GenerationConfig
     from prisp.predict import PredictConfig, predict_split, write_json_atomic
 
+    from prisp.personalize import STRATEGIES
+
     spec = get_task(task)
-    config = PredictConfig(method=method, k=k, history=history, limit=limit, snap_labels=snap,
+    personalized = method in STRATEGIES
+    if personalized and anchor is None:
+        raise PrispError(f"--method {method} personalizes each user and needs --anchor DIR")
+    config = PredictConfig(method=("rag" if rag else "np") if personalized else method, k=k, history=history,
+                           limit=limit, snap_labels=snap,
                            generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
     split_data = load_task_split(data or default_data_dir(), spec.name, split, require_golds=False)
     loaded = load_for_inference(model, adapter, threads)
     total = min(len(split_data.queries), limit or len(split_data.queries))
-    with tqdm(total=total, desc=f"{spec.name} {method}", unit="q", file=sys.stderr) as bar:
-        run = predict_split(loaded.model, loaded.tokenizer, split_data, config, on_batch=bar.update)
+    if personalized:
+        run = _predict_personalized(loaded, model, split_data, anchor, method, config, cache)
+    else:
+        with tqdm(total=total, desc=f"{spec.name} {method}", unit="q", file=sys.stderr) as bar:
+            run = predict_split(loaded.model, loaded.tokenizer, split_data, config, on_batch=bar.update)
     write_json_atomic(out, run.as_lamp_outputs())
     gen = run.generation
     typer.echo(f"{spec.name} {split} {method}: {len(run.ids)} queries in {gen.seconds:.1f} s "
                f"({len(run.ids) / gen.seconds:.2f} q/s, {gen.tokens_per_second:.1f} new tokens/s) -> {out}")
+
+
+def _predict_personalized(loaded, model_name, split_data, anchor, strategy, config, cache):
+    from tqdm import tqdm
+
+    from prisp.adapters import load_adapter
+    from prisp.models import prisp_home
+    from prisp.personalize import PersonalizeConfig
+    from prisp.personalize.per_user import predict_personalized
+
+    anchor_weights = load_adapter(anchor)
+    anchor_weights.check_fits(loaded.model)
+    wanted = {q.id for q in split_data.queries[: config.limit or len(split_data.queries)]}
+    users = sum(1 for queries in split_data.users.values() if any(q.id in wanted for q in queries))
+    with tqdm(total=users, desc=f"{split_data.task} {strategy} users", unit="user", file=sys.stderr) as bar:
+        result = predict_personalized(loaded.model, loaded.tokenizer, model_name, split_data, anchor_weights,
+                                      PersonalizeConfig(strategy=strategy, progress=False), config,
+                                      cache or prisp_home() / "adapters", on_user=lambda _: bar.update())
+    trained = [u for u in result.users if not u.cached]
+    typer.echo(f"personalized {len(result.users)} users ({len(trained)} trained, "
+               f"{len(result.users) - len(trained)} from cache)", err=True)
+    return result.run
 
 
 @app.command("eval")
@@ -151,6 +186,143 @@ def download_lamp_cmd(
     results = download_lamp(task, dest, splits=split, base_url=base_url, checksums=checksums,
                             on_result=lambda r: typer.echo(r.describe()))
     typer.echo(f"{len(results)} files in {Path(dest) / results[0].spec.dest.split('/')[0]}" if results else "")
+
+
+def _read_history(history: Path, task: str, user: Optional[str]):
+    """A history file: a JSON list of profile items, or a LaMP questions file plus --user QUERY_ID.
+
+    Returns the items and the label set (LaMP-2N reads its categories from the questions' inputs).
+    """
+    from prisp.data.lamp import load_history, load_split, read_json
+    from prisp.data.tasks import label_set
+
+    if user is None:
+        if isinstance(read_json(history), list) and _looks_like_questions(read_json(history)):
+            raise PrispError(f"{history} is a LaMP questions file: pass --user QUERY_ID to pick the user")
+        return load_history(history, task), label_set(task)
+    split = load_split(history, None, task)
+    match = [q for q in split.queries if q.id == user]
+    if not match:
+        raise PrispError(f"{history}: no question with id {user!r}")
+    return match[0].profile, label_set(task, split.inputs)
+
+
+def _looks_like_questions(records: list) -> bool:
+    return bool(records) and isinstance(records[0], dict) and "profile" in records[0] and "input" in records[0]
+
+
+@app.command("personalize")
+@friendly
+def personalize_cmd(
+    anchor: Path = typer.Option(..., help="Anchor LoRA directory (peft): hypernet, task-adapted or random."),
+    task: str = typer.Option(..., help="LaMP task."),
+    history: Path = typer.Option(..., help="JSON list of LaMP profile items, or a LaMP questions file + --user."),
+    out: Path = typer.Option(..., help="Output adapter directory (written atomically)."),
+    user: Optional[str] = typer.Option(None, help="Query id whose profile to use, when --history is a questions file."),
+    strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only."),
+    k: int = typer.Option(10, help="Most recent history items used."),
+    epochs: int = typer.Option(1, help="Epochs over the user's examples."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: Table 7 for the task]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: Table 7 for the task]."),
+    micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
+    seed: int = typer.Option(0, help="Seed."),
+    model: str = typer.Option("smollm2-135m", help="Base model."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+) -> None:
+    """Stage 2: personalize an anchor for one user; writes a plain peft LoRA + personalization.json."""
+    from prisp.adapters import load_adapter, save_adapter
+    from prisp.data.tasks import get_task
+    from prisp.personalize import PersonalizeConfig, personalize
+
+    spec = get_task(task)
+    config = PersonalizeConfig(strategy=strategy, k=k, epochs=epochs, lr=lr, batch_size=batch_size,
+                               micro_batch_size=micro_batch_size, seed=seed)
+    items, labels = _read_history(history, spec.name, user)
+    if not items:
+        raise PrispError(f"{history}: the user's history is empty; personalization needs at least one item")
+    anchor_weights = load_adapter(anchor)
+    loaded = load_for_inference(model, None, threads)
+    result = personalize(loaded.model, loaded.tokenizer, anchor_weights, spec.name, items, config, labels)
+    report = {**result.report(), "anchor": str(anchor), "model": model, "history": str(history), "user": user}
+    save_adapter(result.weights, out, model, {"personalization.json": json.dumps(report, indent=1)})
+    peak = report["peak_memory_mb"]
+    typer.echo(f"{strategy}: {len(result.items)} items -> {result.examples} examples, "
+               f"{result.train.trainable_params:,} trainable params, {result.train.seconds:.1f} s, "
+               f"peak {peak:.0f} MB, final loss {result.train.final_loss:.4f} -> {out}")
+
+
+@app.command("task-adapt")
+@friendly
+def task_adapt_cmd(
+    task: str = typer.Option(..., help="LaMP task."),
+    out: Path = typer.Option(..., help="Output adapter directory."),
+    data: Optional[Path] = typer.Option(None, help="Data directory [default: $PRISP_DATA or the packaged sample]."),
+    split: str = typer.Option("train", help="Split of task-adaptive users."),
+    samples: int = typer.Option(50, help="Random task-level samples."),
+    epochs: int = typer.Option(3, help="Epochs (Table 7: 3)."),
+    lr: float = typer.Option(1e-4, help="Learning rate (Table 7: 1e-4)."),
+    batch_size: int = typer.Option(6, help="Batch size (Table 7: 6)."),
+    seed: int = typer.Option(0, help="Seed for sampling and init."),
+    model: str = typer.Option("smollm2-135m", help="Base model."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+) -> None:
+    """Train a task-adapted anchor LoRA on N random task samples (the paper's baselines' task stage)."""
+    from prisp.adapters import save_adapter
+    from prisp.data.lamp import load_task_split
+    from prisp.data.tasks import get_task, label_set
+    from prisp.personalize import task_adapt
+    from prisp.training import TrainConfig
+
+    spec = get_task(task)
+    split_data = load_task_split(data or default_data_dir(), spec.name, split)
+    loaded = load_for_inference(model, None, threads)
+    config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, micro_batch_size=3)
+    result = task_adapt(loaded.model, loaded.tokenizer, spec.name, split_data.queries, samples, seed,
+                        config=config, labels=label_set(spec.name, split_data.inputs))
+    report = {"task": spec.name, "samples": len(result.query_ids), "query_ids": result.query_ids,
+              "train": result.train.to_dict(), "model": model}
+    save_adapter(result.weights, out, model, {"task_adaptation.json": json.dumps(report, indent=1)})
+    typer.echo(f"task-adapted anchor on {len(result.query_ids)} samples, {result.train.steps} steps, "
+               f"{result.train.seconds:.1f} s, final loss {result.train.final_loss:.4f} -> {out}")
+
+
+@app.command("lora-init")
+@friendly
+def lora_init_cmd(
+    out: Path = typer.Option(..., help="Output adapter directory."),
+    seed: int = typer.Option(0, help="Seed."),
+    model: str = typer.Option("smollm2-135m", help="Base model (shapes are read from it)."),
+) -> None:
+    """Write a random-init peft LoRA (r 8, q_proj/v_proj; B = 0) to use as an anchor."""
+    from prisp.adapters import LoraSpec, random_init, save_adapter
+
+    loaded = load_for_inference(model, None, None)
+    save_adapter(random_init(loaded.model, LoraSpec(), seed=seed), out, model)
+    typer.echo(f"random LoRA (seed {seed}) -> {out}")
+
+
+@app.command()
+@friendly
+def generate(
+    input: str = typer.Option(..., "--input", help="The text to answer (or a LaMP input with --task)."),
+    adapter: Optional[Path] = typer.Option(None, help="A peft LoRA directory to apply."),
+    task: Optional[str] = typer.Option(None, help="Wrap --input in the task's Table 16 prompt."),
+    max_new_tokens: int = typer.Option(64, help="Answer budget."),
+    model: str = typer.Option("smollm2-135m", help="Base model."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+) -> None:
+    """Generate one answer, optionally with an adapter."""
+    from prisp.data.prompts import query_prompt
+    from prisp.generation import GenerationConfig
+    from prisp.generation import generate as run_generate
+
+    if not input.strip():
+        raise PrispError("--input is empty")
+    prompt = query_prompt(task, input) if task else input
+    loaded = load_for_inference(model, adapter, threads)
+    result = run_generate(loaded.model, loaded.tokenizer, [prompt], GenerationConfig(max_new_tokens=max_new_tokens,
+                                                                                       first_line=False))
+    typer.echo(result.texts[0])
 
 
 @app.command()

@@ -27,7 +27,8 @@ _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False}
 
 
-def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_name: str) -> Path:
+def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_name: str,
+                 extra_files: dict[str, str] | None = None) -> Path:
     """Write ``weights`` as a peft adapter directory, atomically.
 
     Everything is written into a temporary sibling directory which then takes ``out_dir``'s
@@ -37,6 +38,8 @@ def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_na
         weights: The adapter to write.
         out_dir: Target directory; an existing adapter directory there is replaced.
         base_model_name: Recorded as ``base_model_name_or_path``.
+        extra_files: ``{file name: text}`` written beside the adapter inside the same atomic swap
+            (e.g. ``personalization.json``), so readers never see an adapter without its report.
 
     Returns:
         The adapter directory.
@@ -54,6 +57,8 @@ def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_na
         # Contiguous copies: safetensors refuses views, and callers keep their tensors.
         state = {k: v.detach().cpu().contiguous().clone() for k, v in weights.to_peft_state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -56,7 +56,8 @@ def parse_input(task: str, text: str) -> ParsedInput:
     return ParsedInput(body=text[match.end():].strip(), labels=labels)
 
 
-def _fill(task: str, parts: ParsedInput, labels: Sequence[str]) -> str:
+def fill_prompt(task: str, parts: ParsedInput, labels: Sequence[str] = ()) -> str:
+    """The Table 16 prompt for already-parsed parts (also used to turn history items into examples)."""
     name = get_task(task).name
     label_list = ", ".join(parts.labels or labels)
     if name == "LaMP-1":
@@ -87,7 +88,7 @@ def query_prompt(task: str, text: str, labels: Sequence[str] = ()) -> str:
     parts = parse_input(task, text)
     if not parts.parsed:
         return f"{_INSTRUCTION}{text} Answer:"
-    return _fill(task, parts, labels)
+    return fill_prompt(task, parts, labels)
 
 
 HISTORY_FIELD_CHARS = 600

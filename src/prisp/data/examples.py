@@ -1,0 +1,90 @@
+"""Training examples: a user's history items and task-level queries as prompt/answer pairs.
+
+Each history item is phrased with the same Table 16 prompt the query will get, so personalization
+teaches the answer format as well as the user's preferences. App. B: every item yields a *plain*
+example and an *augmented* one with the BM25 top-1 of the user's earlier items (and the user's profile
+text when there is one) prepended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from prisp.data.lamp import ProfileItem, Query
+from prisp.data.prompts import ParsedInput, clip, fill_prompt, query_prompt, with_context
+from prisp.data.protocol import DEFAULT_K, recent_items
+from prisp.data.tasks import get_task
+from prisp.errors import DataError
+from prisp.retrieval import Bm25Retriever, item_text
+from prisp.training import Example
+
+# Answers longer than this are clipped (LaMP-1 items train title -> abstract); keeps examples within budget.
+ANSWER_CHARS = 600
+
+
+def item_example(task: str, item: ProfileItem, labels: Sequence[str] = ()) -> Example:
+    """One history item as a prompt/answer pair in the task's Table 16 wording.
+
+    LaMP-1 items carry no citation choice, so they train "title -> abstract" (the user's topics);
+    LaMP-7 items carry only the user's tweet, so they train paraphrasing it into itself (the user's style).
+    """
+    name = get_task(task).name
+    f = {key: clip(value) for key, value in item.fields.items()}
+    if name == "LaMP-1":
+        prompt = ("User Instruction: Write the abstract of the following paper by the researcher. "
+                  f"Paper Title: {f['title']} Abstract:")
+        return Example(prompt, clip(item.fields["abstract"], ANSWER_CHARS))
+    body, answer = {
+        "LaMP-2": lambda: (f["description"], f["tag"]),
+        "LaMP-2N": lambda: (f"{f['title']}. {f['text']}", f["category"]),
+        "LaMP-3": lambda: (f["text"], f["score"]),
+        "LaMP-4": lambda: (f["text"], item.fields["title"]),
+        "LaMP-5": lambda: (f["abstract"], item.fields["title"]),
+        "LaMP-7": lambda: (f["text"], item.fields["text"]),
+    }[name]()
+    return Example(fill_prompt(name, ParsedInput(body=body), labels), answer)
+
+
+@dataclass
+class UserExamples:
+    """The examples built for one user and the history items they came from."""
+
+    examples: list[Example]
+    items: list[ProfileItem]
+    augmented: int
+
+
+def user_examples(task: str, history: Sequence[ProfileItem], k: int = DEFAULT_K, labels: Sequence[str] = (),
+                  profile_text: str = "", augment: bool = True) -> UserExamples:
+    """Plain + augmented examples from a user's ``k`` most recent items (oldest first).
+
+    Retrieval for the augmented copy only sees items *earlier* than the target among those ``k``,
+    so an example never contains its own answer and nothing outside the few-shot budget is used.
+
+    Raises:
+        DataError: the history is empty.
+    """
+    if not history:
+        raise DataError("the user's history is empty: personalization needs at least one profile item")
+    items = recent_items(history, k)
+    examples, augmented = [], 0
+    for index, item in enumerate(items):
+        plain = item_example(task, item, labels)
+        examples.append(plain)
+        if not augment:
+            continue
+        earlier = items[:index]
+        retrieved = Bm25Retriever(task, earlier).top_k(item_text(task, item), 1) if earlier else []
+        if retrieved or profile_text:
+            examples.append(Example(with_context(plain.prompt, task, retrieved, profile_text), plain.answer))
+            augmented += 1
+    return UserExamples(examples, items, augmented)
+
+
+def query_examples(task: str, queries: Sequence[Query], labels: Sequence[str] = ()) -> list[Example]:
+    """Task-level examples (official input -> gold) for task adaptation; queries without a gold are refused."""
+    missing = [q.id for q in queries if q.gold is None]
+    if missing:
+        raise DataError(f"task adaptation needs golds; query {missing[0]!r} has none")
+    return [Example(query_prompt(task, q.input, labels), q.gold) for q in queries]

@@ -1,0 +1,160 @@
+"""Stage 2: personalize a copy of the base model for one user, from an anchor LoRA.
+
+The base model passed in is never modified: each user works on a deep copy, so one process can
+personalize many users in turn (and OPPU's merge cannot leak into the next user).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from prisp.adapters import (
+    LoraPair,
+    LoraSpec,
+    LoraWeights,
+    add_bridge,
+    attach_lora,
+    extract_weights,
+    fold_bridge,
+    random_init,
+    set_trainable,
+)
+from prisp.data.examples import user_examples
+from prisp.data.lamp import ProfileItem
+from prisp.data.protocol import DEFAULT_K
+from prisp.data.tasks import get_task
+from prisp.errors import PrispError
+from prisp.personalize.hyperparams import personalization_hyperparams
+from prisp.personalize.strategies import Strategy, get_strategy
+from prisp.training import TrainConfig, TrainResult, tokenize_examples, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """Options of one personalization run (None means Table 7's value for the task).
+
+    Attributes:
+        strategy: a key of ``STRATEGIES``.
+        k: the user's most recent items used (few-shot protocol: 10).
+        epochs, batch_size, lr: training schedule.
+        micro_batch_size: gradient-accumulation chunk that bounds memory without changing the update.
+        max_length: tokens per example; longer prompts lose their left part (logged).
+        augment: add the App. B retrieval-augmented copy of every item.
+        seed: seeds shuffling, dropout and OPPU's fresh LoRA.
+    """
+
+    strategy: str = "prisp"
+    k: int = DEFAULT_K
+    epochs: int = 1
+    batch_size: int | None = None
+    lr: float | None = None
+    micro_batch_size: int | None = 4
+    max_length: int = 512
+    augment: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        get_strategy(self.strategy)
+        for name in ("k", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                raise PrispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise PrispError(f"--lr must be positive, got {self.lr}")
+
+    def train_config(self, task: str) -> TrainConfig:
+        table = personalization_hyperparams(task)
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size or table.batch_size,
+                           lr=self.lr if self.lr is not None else table.lr, seed=self.seed,
+                           max_length=self.max_length, progress=self.progress,
+                           micro_batch_size=self.micro_batch_size)
+
+
+@dataclass
+class PersonalizeResult:
+    """A personalized user: the exported adapter, the live model, and what it cost."""
+
+    weights: LoraWeights  # a plain peft LoRA relative to the *original* base model
+    model: torch.nn.Module  # the trained model, ready to generate (eval mode)
+    strategy: str
+    task: str
+    items: list[str]
+    examples: int
+    augmented: int
+    train: TrainResult
+    hyperparams: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """The contents of ``personalization.json``."""
+        return {"strategy": self.strategy, "task": self.task, "hyperparameters": self.hyperparams,
+                "items_used": self.items, "examples": self.examples, "augmented_examples": self.augmented,
+                "trainable_params": self.train.trainable_params, "seconds": self.train.seconds,
+                "peak_memory_mb": self.train.peak_rss_mb or self.train.peak_cuda_mb,
+                "train": self.train.to_dict(), "adapter_rank": self.weights.spec.r}
+
+
+def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, seed: int):
+    """The user's working model and its trainable parameters."""
+    work = copy.deepcopy(base)
+    if strategy.fresh_lora:
+        work = attach_lora(work, anchor).merge_and_unload()
+        start = random_init(work, anchor.spec, seed=seed)
+    else:
+        start = anchor
+    model = attach_lora(work, start)
+    if strategy.bridge:
+        add_bridge(model)
+    params = set_trainable(model, strategy.train_A, strategy.train_B, strategy.train_C)
+    return model, params
+
+
+def stack_loras(first: LoraWeights, second: LoraWeights) -> LoraWeights:
+    """One rank-(r1 + r2) LoRA equal to the sum of two (same scale kept): dW = [B1 B2] [A1; A2].
+
+    OPPU's user LoRA lives on top of the merged anchor; stacking makes it a standard adapter of the
+    original base model, so every strategy exports the same kind of artifact.
+    """
+    r = first.spec.r + second.spec.r
+    if first.spec.scale != second.spec.scale or set(first.pairs) != set(second.pairs):
+        raise PrispError("cannot stack LoRAs with different scales or modules")
+    alpha = first.spec.scale * (r ** 0.5 if first.spec.use_rslora else r)
+    spec = LoraSpec(r=r, alpha=alpha, dropout=first.spec.dropout, target_modules=first.spec.target_modules,
+                    use_rslora=first.spec.use_rslora)
+    pairs = {key: LoraPair(A=torch.cat([p.A, second.pairs[key].A], 0), B=torch.cat([p.B, second.pairs[key].B], 1))
+             for key, p in first.pairs.items()}
+    return LoraWeights(spec=spec, pairs=pairs, module_paths=first.module_paths, layers_prefix=first.layers_prefix)
+
+
+def personalize(base: torch.nn.Module, tokenizer, anchor: LoraWeights, task: str, history: Sequence[ProfileItem],
+                config: PersonalizeConfig = PersonalizeConfig(), labels: Sequence[str] = (),
+                profile_text: str = "") -> PersonalizeResult:
+    """Personalize ``base`` (untouched) for one user's ``history`` under ``config.strategy``.
+
+    Raises:
+        DataError: empty history.
+        AdapterError: the anchor does not fit the base model.
+    """
+    task = get_task(task).name
+    strategy = get_strategy(config.strategy)
+    built = user_examples(task, history, config.k, labels, profile_text, config.augment)
+    anchor.check_fits(base)
+    train_config = config.train_config(task)
+    tokenized = tokenize_examples(tokenizer, built.examples, train_config.max_length)
+    model, params = _prepare(base, anchor, strategy, config.seed)
+    result = train(model, params, tokenized, train_config, pad_id=tokenizer.pad_token_id or 0)
+    if result.truncated:
+        logger.warning("%d of %d examples were longer than %d tokens; their prompts were cut from the left",
+                       result.truncated, len(tokenized), train_config.max_length)
+    model.eval()
+    exported = fold_bridge(model) if strategy.bridge else extract_weights(model)
+    if strategy.fresh_lora:
+        exported = stack_loras(anchor, exported)
+    return PersonalizeResult(exported, model, strategy.name, task, [i.id for i in built.items],
+                             len(built.examples), built.augmented, result, asdict(train_config))

@@ -1,0 +1,279 @@
+"""Stage 2: strategy invariants, exact export, cost accounting, examples and the personalize CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from conftest import build_tiny_llama
+from prisp.adapters import (
+    LoraPair,
+    LoraSpec,
+    LoraWeights,
+    attach_lora,
+    bridge_params,
+    load_adapter,
+    random_init,
+    save_adapter,
+    shapes_for_model,
+)
+from prisp.cli import SAMPLE_DIR, app
+from prisp.data.examples import item_example, query_examples, user_examples
+from prisp.data.lamp import Query, load_task_split
+from prisp.errors import AdapterError, DataError
+from prisp.personalize import STRATEGIES, PersonalizeConfig, personalization_hyperparams, personalize
+from prisp.personalize.personalizer import _prepare
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_tokenizer):
+    return build_tiny_llama(len(tiny_tokenizer), seed=3)
+
+
+@pytest.fixture(scope="module")
+def anchor(base):
+    """A non-trivial anchor (B != 0), so every factor's change is visible in the output."""
+    weights = random_init(base, LoraSpec(), seed=1)
+    gen = torch.Generator().manual_seed(2)
+    pairs = {k: LoraPair(p.A, torch.randn(p.B.shape, generator=gen) * 0.05) for k, p in weights.pairs.items()}
+    return LoraWeights(weights.spec, pairs)
+
+
+@pytest.fixture(scope="module")
+def history():
+    return load_task_split(SAMPLE_DIR, "LaMP-4", "dev").queries[0].profile
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+
+
+def _run(base, tokenizer, anchor, history, strategy):
+    config = PersonalizeConfig(strategy=strategy, lr=5e-2, progress=False, batch_size=4)
+    return personalize(base, tokenizer, anchor, "LaMP-4", history, config)
+
+
+def test_bridge_at_identity_reproduces_the_anchor_exactly(base, anchor):
+    expected = _logits(attach_lora(copy.deepcopy(base), anchor).eval(), IDS)
+    for name in ("prisp", "bridge-only"):
+        model, _ = _prepare(base, anchor, STRATEGIES[name], seed=0)
+        assert torch.equal(_logits(model.eval(), IDS), expected)
+
+
+@pytest.mark.parametrize("strategy", ["prisp", "full-lora", "no-bridge", "bridge-only"])
+def test_only_the_intended_factors_change(base, tiny_tokenizer, anchor, history, strategy):
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    result = _run(base, tiny_tokenizer, anchor, history, strategy)
+    spec = STRATEGIES[strategy]
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"base weight {name} changed"
+    raw_B, raw_A = {}, {}
+    for name, param in result.model.named_parameters():
+        if "lora_A" in name:
+            raw_A[name] = param
+        elif "lora_B" in name and not name.endswith(".C"):
+            raw_B[name] = param
+    assert len(raw_A) == len(raw_B) == len(anchor.pairs)
+    anchor_A = [p.A for _, p in sorted(anchor.pairs.items())]
+    anchor_B = [p.B for _, p in sorted(anchor.pairs.items())]
+    a_same = [torch.equal(a, b) for a, b in zip(raw_A.values(), anchor_A)]
+    b_same = [torch.equal(a, b) for a, b in zip(raw_B.values(), anchor_B)]
+    assert all(a_same) != spec.train_A and all(b_same) != spec.train_B
+    if spec.train_A:
+        assert not any(a_same)
+    if spec.train_B:
+        assert not any(b_same)
+    bridges = bridge_params(result.model)
+    assert bool(bridges) == spec.bridge
+    eye = torch.eye(anchor.spec.r)
+    assert all(not torch.equal(c, eye) for c in bridges) == spec.train_C or not spec.bridge
+    if spec.bridge and not spec.train_C:
+        assert all(torch.equal(c, eye) for c in bridges)
+    if not spec.train_A:  # the exported adapter keeps the anchor's A bit for bit
+        assert all(torch.equal(result.weights.pairs[k].A, anchor.pairs[k].A) for k in anchor.pairs)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_trainable_counts_follow_the_appendix_d_formula(base, tiny_tokenizer, anchor, history, strategy):
+    result = _run(base, tiny_tokenizer, anchor, history, strategy)
+    r = anchor.spec.r
+    expected = sum(STRATEGIES[strategy].trainable_formula(d_in, d_out, r)
+                   for d_in, d_out in shapes_for_model(base).values())
+    assert result.train.trainable_params == expected
+    assert result.train.seconds > 0 and len(result.train.losses) == result.train.steps
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_exported_adapter_in_plain_peft_reproduces_the_trained_model(base, tiny_tokenizer, anchor, history,
+                                                                      strategy, tmp_path):
+    result = _run(base, tiny_tokenizer, anchor, history, strategy)
+    trained = _logits(result.model, IDS)
+    path = save_adapter(result.weights, tmp_path / "adapter", "tiny")
+    plain = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    assert torch.allclose(_logits(plain, IDS), trained, atol=1e-5)
+    loaded = load_adapter(path)
+    assert all(torch.equal(loaded.pairs[k].A, p.A) and torch.equal(loaded.pairs[k].B, p.B)
+               for k, p in result.weights.pairs.items())
+    assert result.weights.spec.r == (16 if strategy == "oppu" else 8)  # OPPU: anchor and user LoRA stacked
+
+
+def test_personalization_is_seeded(base, tiny_tokenizer, anchor, history):
+    first = _run(base, tiny_tokenizer, anchor, history, "prisp").weights
+    second = _run(base, tiny_tokenizer, anchor, history, "prisp").weights
+    assert all(torch.equal(first.pairs[k].B, second.pairs[k].B) for k in first.pairs)
+
+
+def test_anchor_that_does_not_fit_is_refused(base, tiny_tokenizer, history):
+    shapes = {k: (d_in * 2, d_out) for k, (d_in, d_out) in shapes_for_model(base).items()}
+    with pytest.raises(AdapterError, match="does not fit the base model"):
+        personalize(base, tiny_tokenizer, random_init(shapes, LoraSpec()), "LaMP-4", history)
+
+
+def test_user_examples_plain_and_augmented_from_earlier_items_only(history):
+    built = user_examples("LaMP-4", history, k=10)
+    assert [i.id for i in built.items] == [i.id for i in history[-10:]]
+    assert len(built.examples) == 10 + 9 and built.augmented == 9  # the oldest item has nothing earlier
+    first_aug = built.examples[2]  # plain(0), plain(1), augmented(1)
+    assert first_aug.prompt.startswith("User History:\n") and built.items[0].fields["title"] in first_aug.prompt
+    for example in built.examples:
+        assert example.prompt.endswith("Headline:")
+    with_profile = user_examples("LaMP-4", history, k=3, profile_text="writes puns")
+    assert with_profile.augmented == 3 and with_profile.examples[1].prompt.startswith("User Profile: writes puns")
+    assert len(user_examples("LaMP-4", history, k=10, augment=False).examples) == 10
+    with pytest.raises(DataError, match="history is empty"):
+        user_examples("LaMP-4", [], k=10)
+
+
+def test_item_examples_per_task():
+    lamp1 = load_task_split(SAMPLE_DIR, "LaMP-1", "dev").queries[0].profile[0]
+    ex = item_example("LaMP-1", lamp1)
+    assert lamp1.fields["title"] in ex.prompt and ex.answer == lamp1.fields["abstract"][:600].strip() or \
+        ex.answer.endswith("...")
+    news = load_task_split(SAMPLE_DIR, "LaMP-2N", "dev")
+    item = news.queries[0].profile[0]
+    ex = item_example("LaMP-2N", item, ("politics", "sports"))
+    assert ex.answer == item.fields["category"] and "categories: [politics, sports]" in ex.prompt
+    with pytest.raises(DataError, match="needs golds"):
+        query_examples("LaMP-4", [Query("q", "Generate a headline for the following article: x", ())])
+
+
+def test_table7_hyperparameters():
+    assert personalization_hyperparams("LaMP-4").lr == 5e-4 and personalization_hyperparams("LaMP-4").batch_size == 16
+    assert personalization_hyperparams("LaMP-2N") == personalization_hyperparams("LaMP-2")
+    assert personalization_hyperparams("LaMP_5").lr == 1e-6
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def anchor_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("anchor") / "task-adapted"
+    result = invoke("task-adapt", "--task", "LaMP-4", "--model", tiny_model_dir, "--samples", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "task-adapted anchor on 4 samples" in result.stdout
+    assert json.loads((out / "task_adaptation.json").read_text())["samples"] == 4
+    return out
+
+
+QUESTIONS = SAMPLE_DIR / "LaMP-4" / "dev_questions.json"
+
+
+def test_personalize_cli_writes_a_folded_adapter_and_report(tiny_model_dir, anchor_dir, tmp_path):
+    out = tmp_path / "user"
+    result = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-4", "--history", QUESTIONS,
+                    "--user", "LaMP-4-dev-2", "--model", tiny_model_dir, "--lr", "0.01", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "personalization.json").read_text())
+    assert report["strategy"] == "prisp" and len(report["items_used"]) == 10 and report["examples"] == 19
+    assert report["hyperparameters"]["lr"] == 0.01 and report["hyperparameters"]["batch_size"] == 16
+    assert report["trainable_params"] > 0 and report["seconds"] > 0 and report["peak_memory_mb"] > 0
+    assert len(report["train"]["losses"]) == report["train"]["steps"]
+    adapter = load_adapter(out)
+    anchor = load_adapter(anchor_dir)
+    assert all(torch.equal(adapter.pairs[k].A, anchor.pairs[k].A) for k in anchor.pairs)  # A frozen
+    generated = invoke("generate", "--adapter", out, "--model", tiny_model_dir, "--task", "LaMP-4",
+                       "--input", "Generate a headline for the following article: rain", "--max-new-tokens", "4")
+    assert generated.exit_code == 0, generated.output
+
+
+def test_personalize_history_list_file(tiny_model_dir, anchor_dir, tmp_path):
+    items = json.loads(QUESTIONS.read_text())[0]["profile"][:3]
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps(items))
+    result = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-4", "--history", history,
+                    "--strategy", "oppu", "--model", tiny_model_dir, "--out", tmp_path / "u")
+    assert result.exit_code == 0, result.output
+    assert load_adapter(tmp_path / "u").spec.r == 16
+
+
+def _error_line(result):
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("prisp: error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_personalize_refusals_leave_no_half_written_output(tiny_model_dir, anchor_dir, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    out = tmp_path / "out"
+    common = ["--anchor", anchor_dir, "--task", "LaMP-4", "--model", tiny_model_dir, "--out", out]
+    assert "history is empty" in _error_line(invoke("personalize", "--history", empty, *common))
+    assert "--user" in _error_line(invoke("personalize", "--history", QUESTIONS, *common))
+    assert "no question with id 'nope'" in _error_line(invoke("personalize", "--history", QUESTIONS, "--user",
+                                                              "nope", *common))
+    assert not out.exists()
+    # An existing adapter at --out survives a refused run untouched.
+    model = build_tiny_llama(int(json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]))
+    shapes = {k: (d_in * 2, d_out) for k, (d_in, d_out) in shapes_for_model(model).items()}
+    wrong = save_adapter(random_init(shapes, LoraSpec()), tmp_path / "wrong", "other")
+    previous = save_adapter(random_init(model, LoraSpec(), seed=9), out, "tiny")
+    before = (previous / "adapter_model.safetensors").read_bytes()
+    line = _error_line(invoke("personalize", "--history", QUESTIONS, "--user", "LaMP-4-dev-0",
+                              "--anchor", wrong, "--task", "LaMP-4", "--model", tiny_model_dir, "--out", out))
+    assert "does not fit the base model" in line
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "out", "wrong"]
+
+
+def test_predict_personalized_caches_users(tiny_model_dir, anchor_dir, tmp_path):
+    args = ["predict", "--task", "LaMP-4", "--method", "prisp", "--anchor", anchor_dir, "--model", tiny_model_dir,
+            "--cache", tmp_path / "cache", "--out", tmp_path / "p.json"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "personalized 3 users (3 trained, 0 from cache)" in first.stderr
+    second = invoke(*args)
+    assert "personalized 3 users (0 trained, 3 from cache)" in second.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["golds"][0]["id"] == "LaMP-4-dev-0"
+    assert "needs --anchor" in _error_line(invoke("predict", "--task", "LaMP-4", "--method", "prisp",
+                                                  "--out", tmp_path / "x.json"))
+
+
+@pytest.mark.slow
+def test_personalize_cli_on_the_real_default_model(tmp_path):
+    anchor = tmp_path / "anchor"
+    assert invoke("lora-init", "--out", anchor).exit_code == 0
+    out = tmp_path / "user"
+    result = invoke("personalize", "--anchor", anchor, "--task", "LaMP-4", "--history", QUESTIONS, "--user",
+                    "LaMP-4-dev-0", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "personalization.json").read_text())
+    # 30 layers x (q: 576*8 + 64, v: 192*8 + 64) trainable under PRISP.
+    assert report["trainable_params"] == 30 * ((576 * 8 + 64) + (192 * 8 + 64))
+    assert load_adapter(out).spec.r == 8
