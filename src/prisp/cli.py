@@ -12,12 +12,14 @@ from typing import Callable, Optional
 import typer
 
 from prisp.errors import PrispError
+from prisp.serve.cli import serve_app
 
 app = typer.Typer(help="prisp: private, few-shot personalization of small language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Datasets: download official LaMP files.", no_args_is_help=True)
 download_app = typer.Typer(help="Download a benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(serve_app, name="serve")
 data_app.add_typer(download_app, name="download")
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"

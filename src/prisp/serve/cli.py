@@ -1,0 +1,178 @@
+"""``prisp serve``: run the HTTP server, make and rotate store keys, export a user's adapter.
+
+Wired into the main CLI as ``app.add_typer(serve_app, name="serve")``; the bare ``prisp serve --store DIR``
+runs the server (the group's callback), the sub-commands manage keys and exports. Heavy imports
+(torch, FastAPI, uvicorn) happen inside the commands so ``prisp --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from prisp.errors import PrispError
+
+EXIT_USER_ERROR = 2
+serve_app = typer.Typer(help="Serve personalized adapters over HTTP from an encrypted per-user store.",
+                        invoke_without_command=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _friendly(command: Callable) -> Callable:
+    """One line on stderr and exit code 2 for a :class:`PrispError` (as the main CLI does)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PrispError as exc:
+            typer.echo(f"prisp: error: {exc}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+_KEY_FILE_HELP = "File holding the base64 store key [default: $PRISP_STORE_KEY]."
+
+
+@serve_app.callback(invoke_without_command=True)
+@_friendly
+def serve(
+    ctx: typer.Context,
+    store: Path | None = typer.Option(None, help="Store directory (created on first start)."),
+    host: str = typer.Option("127.0.0.1", help="Listen address (keep loopback without a TLS proxy)."),
+    port: int = typer.Option(8000, help="Listen port."),
+    model: str = typer.Option("smollm2-135m", help="Base model name or directory."),
+    anchor: list[str] = typer.Option([], "--anchor", help="TASK=DIR: a task's anchor LoRA (repeatable)."),
+    anchors_dir: Path | None = typer.Option(None, help="One anchor sub-dir per task (LaMP-4 ...)."),
+    random_anchors: bool = typer.Option(False, help="Random-init anchors (= base model) elsewhere."),
+    key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
+    strategy: str = typer.Option("prisp", help="Stage 2 strategy of personalize/update jobs."),
+    lr: float | None = typer.Option(None, help="Stage 2 learning rate [default: Table 7 for the task]."),
+    cache_size: int = typer.Option(64, help="Decrypted adapters kept in memory (LRU)."),
+    max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (413 above)."),
+    max_items: int = typer.Option(200, help="Most history items per request (413 above)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
+) -> None:
+    """Run the HTTP API (``prisp serve --store DIR``); see the sub-commands for keys and exports."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prisp.personalize import PersonalizeConfig
+    from prisp.serve.config import ServeConfig, ServeLimits, parse_anchor_option
+    from prisp.serve.keys import load_key
+
+    if store is None:
+        raise PrispError("--store DIR is required to run the server")
+    key = load_key(key_file)  # before loading anything: no key, no server
+    config = ServeConfig(
+        store=store, model=model, host=host, port=port, anchors=dict(parse_anchor_option(a) for a in anchor),
+        anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=threads,
+        personalize=PersonalizeConfig(strategy=strategy, lr=lr, progress=False),
+        limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),
+    )
+    _run_server(config, key)
+
+
+def _run_server(config, key) -> None:
+    import torch
+    import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    from prisp.serve.app import create_app
+
+    hf_logging.set_verbosity_error()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if not _is_loopback(config.host):
+        typer.echo(f"prisp: warning: listening on {config.host}; bearer tokens travel in clear text unless a "
+                   "TLS proxy terminates the connections", err=True)
+    typer.echo(f"loading model {config.model} and opening store {config.store} ...", err=True)
+    app = create_app(config, key)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@serve_app.command("keygen")
+@_friendly
+def keygen(out: Path | None = typer.Option(None, help="Write the key to this new file (mode 0600) instead.")
+           ) -> None:
+    """Print a fresh store key (base64 of 32 random bytes) for PRISP_STORE_KEY or --key-file."""
+    from prisp.serve.keys import generate_key
+
+    text = generate_key().encode()
+    if out is None:
+        typer.echo(text)
+        return
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise PrispError(f"{out} exists; refusing to overwrite a key file") from None
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(text + "\n")
+    typer.echo(f"new store key -> {out}", err=True)
+
+
+@serve_app.command("rotate-key")
+@_friendly
+def rotate_key(
+    store: Path = typer.Option(..., help="Store directory (stop the server first)."),
+    new_key_file: Path = typer.Option(..., help="The new key's file (`prisp serve keygen --out F`)."),
+    key_file: Path | None = typer.Option(None, help="The current key's file [default: $PRISP_STORE_KEY]."),
+) -> None:
+    """Re-encrypt every adapter under a new key (each file atomically; rerun to resume if interrupted)."""
+    from prisp.serve.keys import load_key
+    from prisp.serve.store import AdapterStore
+
+    old, new = load_key(key_file), load_key(new_key_file)
+    if old.key_id == new.key_id:
+        raise PrispError("the new key is the current key; generate one with `prisp serve keygen --out FILE`")
+    _require_store(store)
+    with AdapterStore(store, old, rotating_to=new.key_id) as opened:
+        count = opened.rotate_to(new)
+    typer.echo(f"re-encrypted {count} adapters; the store now opens with key id {new.key_id} only")
+
+
+@serve_app.command("export")
+@_friendly
+def export(
+    store: Path = typer.Option(..., help="Store directory."),
+    user: str = typer.Option(..., help="User id."),
+    task: str = typer.Option(..., help="LaMP task."),
+    out: Path = typer.Option(..., help="Output peft adapter directory (PLAINTEXT: protect it)."),
+    key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
+) -> None:
+    """Decrypt a user's current adapter to a plain peft directory (e.g. for vLLM multi-LoRA serving)."""
+    from prisp.adapters import save_adapter
+    from prisp.data.tasks import normalize_task_name
+    from prisp.serve.keys import load_key
+    from prisp.serve.store import AdapterStore
+
+    task = normalize_task_name(task)
+    _require_store(store)
+    with AdapterStore(store, load_key(key_file), writer=False) as opened:
+        record = opened.current(user, task)
+        if record is None:
+            raise PrispError(f"user {user!r} has no adapter for {task} in {store}")
+        weights = opened.load(record)
+    info = {"user_id": record.user_id, "task": record.task, "adapter_version": record.version,
+            "base_model": record.base_model, "strategy": record.strategy, "items": record.total_items}
+    save_adapter(weights, out, record.base_model, {"prisp_export.json": json.dumps(info, indent=1)})
+    typer.echo(f"exported {user} {task} version {record.version} -> {out}")
+
+
+def _require_store(store: Path) -> None:
+    from prisp.serve.store import DB_NAME
+
+    if not (store / DB_NAME).is_file():
+        raise PrispError(f"{store} is not a prisp store (no {DB_NAME})")

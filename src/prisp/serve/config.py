@@ -1,0 +1,103 @@
+"""Typed, validated configuration of the serving process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from prisp.data.tasks import normalize_task_name
+from prisp.errors import PrispError
+from prisp.models import DEFAULT_MODEL
+from prisp.personalize import PersonalizeConfig
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Request limits; anything above them is refused with 413 or 422 and a message naming the limit.
+
+    Attributes:
+        max_body_bytes: Largest request body (413 above it).
+        max_items: Most history items per personalize/update request.
+        max_text_chars: Longest string anywhere in an item (ids and fields).
+        max_input_chars: Longest ``input`` of a generate request.
+        max_new_tokens: Cap on the answer length (the task's own budget is used below it).
+        max_pending_jobs: Most queued or running jobs in the whole process (429 above it).
+    """
+
+    max_body_bytes: int = 1_000_000
+    max_items: int = 200
+    max_text_chars: int = 20_000
+    max_input_chars: int = 20_000
+    max_new_tokens: int = 64
+    max_pending_jobs: int = 32
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PrispError(f"serve limit {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``prisp serve`` needs besides the store key.
+
+    Anchors (Stage 1 adapters, one per task) come from three places, merged in this order, later wins:
+    ``random_anchors`` (a seeded random-init LoRA for every task: B = 0, so it serves the base model
+    itself; for trials and tests), ``anchors_dir`` (one peft sub-directory per task, named like
+    ``LaMP-4``), and ``anchors`` (explicit ``task -> directory``). Only tasks with an anchor are served.
+
+    Attributes:
+        store: Store directory (created on first start).
+        model: Base model name or directory (see ``prisp models``).
+        host, port: Where uvicorn listens; keep 127.0.0.1 unless a TLS proxy sits in front.
+        anchors: ``task -> peft adapter directory``.
+        anchors_dir: Directory holding one anchor per task.
+        random_anchors: Serve every task from a random-init anchor when no other anchor names it.
+        personalize: Stage 2 options used by jobs (strategy, k, lr ...); ``progress`` is forced off.
+        cache_size: Decrypted adapters kept in memory (LRU, keyed by user and version).
+        threads: torch CPU threads (None: leave torch's default).
+        limits: Request limits.
+    """
+
+    store: Path
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    anchors: dict[str, Path] = field(default_factory=dict)
+    anchors_dir: Path | None = None
+    random_anchors: bool = False
+    personalize: PersonalizeConfig = field(default_factory=lambda: PersonalizeConfig(progress=False))
+    cache_size: int = 64
+    threads: int | None = None
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        canonical = {normalize_task_name(task): Path(path) for task, path in self.anchors.items()}
+        object.__setattr__(self, "anchors", canonical)
+        if not 0 < self.port < 65536:
+            raise PrispError(f"--port must be in 1..65535, got {self.port}")
+        if self.cache_size < 1:
+            raise PrispError(f"--cache-size must be at least 1, got {self.cache_size}")
+        if self.threads is not None and self.threads < 1:
+            raise PrispError(f"--threads must be at least 1, got {self.threads}")
+        if self.anchors_dir is not None and not Path(self.anchors_dir).is_dir():
+            raise PrispError(f"--anchors-dir {self.anchors_dir} is not a directory")
+        if not (self.anchors or self.anchors_dir or self.random_anchors):
+            raise PrispError("no anchors: pass --anchor TASK=DIR (repeatable), --anchors-dir DIR or "
+                             "--random-anchors")
+        if self.personalize.progress:
+            # Jobs run in a background thread of a server: a progress bar there would only garble the log.
+            object.__setattr__(self, "personalize", replace(self.personalize, progress=False))
+
+
+def parse_anchor_option(text: str) -> tuple[str, Path]:
+    """Parse one ``--anchor TASK=DIR`` value.
+
+    Raises:
+        PrispError: No ``=``, an unknown task, or an empty directory part.
+    """
+    task, sep, path = text.partition("=")
+    if not sep or not task.strip() or not path.strip():
+        raise PrispError(f"--anchor expects TASK=DIR (e.g. LaMP-4=anchors/lamp4), got {text!r}")
+    return normalize_task_name(task.strip()), Path(path.strip())

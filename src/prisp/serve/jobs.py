@@ -1,0 +1,136 @@
+"""Background personalization jobs: one worker thread, a bounded queue, one pending job per user.
+
+One worker because Stage 2 on CPU already uses every torch thread and holds a full copy of the base
+model; two at once would only double peak memory. One pending job per user because an update must
+start from the version before it: two concurrent updates of one user would race for the same base.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from prisp.errors import PrispError
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+
+
+class JobQueueFullError(PrispError):
+    """The process already has its maximum number of pending jobs."""
+
+
+class JobBusyError(PrispError):
+    """The user already has a queued or running job."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job's state (what ``GET /v1/jobs/{id}`` reports)."""
+
+    job_id: str
+    user_id: str
+    task: str
+    kind: str  # "personalize" or "update"
+    status: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    adapter_version: int | None = None
+    error: str | None = None
+
+
+class JobQueue:
+    """Runs ``work()`` callables (returning the new adapter version) one at a time, in order."""
+
+    def __init__(self, max_pending: int):
+        self.max_pending = max_pending
+        self._jobs: dict[str, Job] = {}
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prisp-job")
+
+    def submit(self, user_id: str, task: str, kind: str, work: Callable[[], int]) -> Job:
+        """Queue ``work`` for ``user_id``.
+
+        Raises:
+            JobBusyError: The user already has a pending job.
+            JobQueueFullError: ``max_pending`` jobs are already queued or running.
+        """
+        with self._lock:
+            pending = [j for j in self._jobs.values() if j.status in (QUEUED, RUNNING)]
+            if any(j.user_id == user_id for j in pending):
+                raise JobBusyError("this user already has a personalization job queued or running; "
+                                   "wait for it")
+            if len(pending) >= self.max_pending:
+                raise JobQueueFullError(f"the server has {len(pending)} pending jobs "
+                                        f"(limit {self.max_pending}); retry later")
+            job = Job(job_id=f"j_{secrets.token_hex(16)}", user_id=user_id, task=task, kind=kind,
+                      status=QUEUED, created_at=time.time())
+            self._jobs[job.job_id] = job
+            self._futures[job.job_id] = self._executor.submit(self._run, job.job_id, work)
+        return job
+
+    def _run(self, job_id: str, work: Callable[[], int]) -> None:
+        if not self._set(job_id, status=RUNNING, started_at=time.time()):
+            return  # forgotten (user deleted) before it started
+        try:
+            version = work()
+        except PrispError as exc:
+            self._set(job_id, status=FAILED, finished_at=time.time(), error=str(exc))
+        except Exception as exc:  # a bug: log it, report one line, keep the worker alive
+            logger.exception("job %s failed", job_id)
+            error = f"internal error ({type(exc).__name__})"
+            self._set(job_id, status=FAILED, finished_at=time.time(), error=error)
+        else:
+            self._set(job_id, status=SUCCEEDED, finished_at=time.time(), adapter_version=version)
+        finally:
+            with self._lock:
+                self._futures.pop(job_id, None)  # drops the closure, and the user's items with it
+
+    def _set(self, job_id: str, **changes) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return False
+            self._jobs[job_id] = replace(job, **changes)
+            return True
+
+    def get(self, job_id: str) -> Job | None:
+        """The job's current snapshot, or None."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def forget_user(self, user_id: str) -> int:
+        """Cancel the user's queued jobs and drop all their records; returns how many were dropped.
+
+        A running job cannot be interrupted; its save then fails because the user no longer exists.
+        """
+        with self._lock:
+            doomed = [job_id for job_id, job in self._jobs.items() if job.user_id == user_id]
+            for job_id in doomed:
+                future = self._futures.get(job_id)
+                if future is not None and future.cancel():
+                    del self._futures[job_id]  # a running one stays until its own finally removes it
+                del self._jobs[job_id]
+        return len(doomed)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no job is queued or running (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._futures:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def shutdown(self) -> None:
+        """Cancel queued jobs and wait for the running one."""
+        self._executor.shutdown(wait=True, cancel_futures=True)

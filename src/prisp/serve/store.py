@@ -1,0 +1,397 @@
+"""The encrypted per-user adapter store: sealed files under a root directory, metadata in SQLite.
+
+Layout::
+
+    STORE/
+      store.sqlite3            users (token hashes), adapters (versions, times, item counts), meta
+      LOCK                     held by the one process that writes (server or rotate-key)
+      users/<user_id>/<task>.v<version>.adapter   sealed safetensors (see keys.py)
+
+A save writes the new version's file atomically, then commits the row that points at it, then unlinks
+the old file: a crash at any point leaves the previous version loadable, and :meth:`AdapterStore.recover`
+sweeps what a crash left behind. The database never holds user text: only ids, counts and times.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from prisp.adapters import LoraWeights
+from prisp.errors import AdapterError, PrispError
+from prisp.serve.auth import valid_user_id
+from prisp.serve.blobs import TMP_PREFIX, adapter_from_bytes, adapter_to_bytes, fsync_dir, write_atomic
+from prisp.serve.keys import SealError, StoreKey, seal, slot_aad, unseal
+
+DB_NAME = "store.sqlite3"
+LOCK_NAME = "LOCK"
+USERS_DIR = "users"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_at REAL NOT NULL,
+    next_version INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS adapters (
+    user_id TEXT NOT NULL REFERENCES users(user_id), task TEXT NOT NULL, version INTEGER NOT NULL,
+    file TEXT NOT NULL, key_id TEXT NOT NULL, base_model TEXT NOT NULL, strategy TEXT NOT NULL,
+    items INTEGER NOT NULL, total_items INTEGER NOT NULL, updates INTEGER NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (user_id, task));
+"""
+
+
+class UnknownUserError(PrispError):
+    """The user does not exist (never created, or deleted)."""
+
+
+class VersionConflictError(PrispError):
+    """The adapter changed between reading it and saving its successor."""
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """Metadata of a user's current adapter for one task (no user text, by design)."""
+
+    user_id: str
+    task: str
+    version: int
+    file: str  # relative to the store root
+    key_id: str
+    base_model: str
+    strategy: str
+    items: int  # history items the latest training used
+    total_items: int  # items over all trainings of this adapter (personalize + updates)
+    updates: int  # continual updates since the last full personalization
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """What to record beside a new adapter version."""
+
+    user_id: str
+    task: str
+    base_model: str
+    strategy: str
+    items: int
+    continues: int | None = None  # the version an update started from; None for a fresh personalization
+
+
+class AdapterStore:
+    """Users, token hashes and sealed adapters under one root. Thread-safe (one lock per store)."""
+
+    def __init__(self, root: Path, key: StoreKey, *, writer: bool = True, rotating_to: str | None = None):
+        """Open (creating if needed) the store at ``root``.
+
+        Args:
+            root: Store directory.
+            key: The key the store is sealed with.
+            writer: Take the exclusive ``LOCK`` and sweep crash leftovers (server, rotate-key); readers
+                (export) skip both.
+            rotating_to: Key id of an interrupted rotation that this open is allowed to resume.
+
+        Raises:
+            PrispError: Wrong key, interrupted rotation, store in use, or not a store directory.
+        """
+        self.root = Path(root)
+        self.key = key
+        self._lock = threading.RLock()
+        self._lock_fd: int | None = None
+        if writer:
+            self._prepare_root()
+            self._take_lock()
+        elif not (self.root / DB_NAME).is_file():
+            raise PrispError(f"{self.root} is not a prisp store (no {DB_NAME})")
+        self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            # Deleted rows are overwritten with zeros, not left in free pages (erasure means erasure).
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.executescript(SCHEMA)
+            self.store_id = self._check_key(rotating_to)
+            if writer:
+                self.recover()
+        except BaseException:
+            self.close()  # a refused open must not keep the lock
+            raise
+
+    # ---- opening ----------------------------------------------------------------------------------------
+    def _prepare_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise PrispError(f"store {self.root} exists and is not a directory")
+        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / DB_NAME).exists():
+            raise PrispError(f"store {self.root} is a non-empty directory without {DB_NAME}; pick an empty "
+                             "or new directory")
+        (self.root / USERS_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PrispError(f"store {self.root} is in use by another prisp process (a server or "
+                             "rotate-key); stop it first") from None
+        self._lock_fd = fd
+
+    def _check_key(self, rotating_to: str | None) -> str:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if not meta:
+            store_id = uuid.uuid4().hex
+            with self._transaction() as db:
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [("store_id", store_id),
+                                                                   ("key_id", self.key.key_id)])
+            return store_id
+        if meta["key_id"] != self.key.key_id:
+            raise PrispError(f"the store key (id {self.key.key_id}) does not open store {self.root} "
+                             f"(sealed with key id {meta['key_id']})")
+        pending = meta.get("rotating_to")
+        if pending and pending != rotating_to:
+            raise PrispError(f"store {self.root} has an interrupted key rotation to key id {pending}; rerun "
+                             "`prisp serve rotate-key` with the same old and new keys to finish it")
+        return meta["store_id"]
+
+    def close(self) -> None:
+        """Close the database and release the lock."""
+        with self._lock:
+            self._db.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    # ---- users ------------------------------------------------------------------------------------------
+    def create_user(self, user_id: str, token_hash: str) -> None:
+        """Record a new user by id and token hash."""
+        if not valid_user_id(user_id):
+            raise PrispError(f"invalid user id {user_id!r}")
+        with self._lock, self._transaction() as db:
+            db.execute("INSERT INTO users (user_id, token_hash, created_at) VALUES (?, ?, ?)",
+                       (user_id, token_hash, time.time()))
+
+    def token_hash(self, user_id: str) -> str | None:
+        """The stored token hash of ``user_id``, or None for an unknown user."""
+        with self._lock:
+            row = self._db.execute("SELECT token_hash FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return row[0] if row else None
+
+    def user_for_token_hash(self, token_hash: str) -> str | None:
+        """The user whose token hashes to ``token_hash``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT user_id FROM users WHERE token_hash = ?", (token_hash,)).fetchone()
+        return row[0] if row else None
+
+    def user_exists(self, user_id: str) -> bool:
+        """Whether ``user_id`` is a current user."""
+        return self.token_hash(user_id) is not None
+
+    def delete_user(self, user_id: str) -> bool:
+        """Remove a user's rows and directory; False when there was no such user.
+
+        Rows go first: a crash before the files are gone leaves unreferenced files, which
+        :meth:`recover` removes, never a row pointing at nothing.
+        """
+        with self._lock:
+            with self._transaction() as db:
+                db.execute("DELETE FROM adapters WHERE user_id = ?", (user_id,))
+                existed = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
+            self._remove_user_dir(user_id)
+            self._checkpoint()
+        return existed
+
+    def delete_adapters(self, user_id: str) -> int:
+        """Remove every adapter of a user but keep the account; returns how many were removed."""
+        with self._lock:
+            records = self.adapters(user_id)
+            with self._transaction() as db:
+                db.execute("DELETE FROM adapters WHERE user_id = ?", (user_id,))
+            self._remove_user_dir(user_id)
+            self._checkpoint()
+        return len(records)
+
+    def _checkpoint(self) -> None:
+        """Fold the write-ahead log into the database and truncate it, so old page images are gone too."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _remove_user_dir(self, user_id: str) -> None:
+        if valid_user_id(user_id):  # never let a malformed id steer rmtree
+            shutil.rmtree(self.root / USERS_DIR / user_id, ignore_errors=True)
+            fsync_dir(self.root / USERS_DIR)
+
+    # ---- adapters ---------------------------------------------------------------------------------------
+    def adapters(self, user_id: str) -> list[AdapterRecord]:
+        """The user's current adapters, by task."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE user_id = ? ORDER BY task",
+                                    (user_id,)).fetchall()
+        return [AdapterRecord(*row) for row in rows]
+
+    def current(self, user_id: str, task: str) -> AdapterRecord | None:
+        """The user's current adapter for ``task``, or None."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE user_id = ? AND task = ?",
+                                   (user_id, task)).fetchone()
+        return AdapterRecord(*row) if row else None
+
+    def save(self, request: SaveRequest, weights: LoraWeights) -> AdapterRecord:
+        """Seal and store ``weights`` as the user's new current adapter for the task.
+
+        Raises:
+            UnknownUserError: The user does not exist (e.g. deleted while a job ran).
+            VersionConflictError: ``request.continues`` is not the current version any more.
+        """
+        data = adapter_to_bytes(weights)
+        with self._lock:
+            row = self._db.execute("SELECT next_version FROM users WHERE user_id = ?",
+                                   (request.user_id,)).fetchone()
+            if row is None:
+                raise UnknownUserError(f"user {request.user_id} does not exist")
+            old = self.current(request.user_id, request.task)
+            if request.continues is not None and (old is None or old.version != request.continues):
+                now = old.version if old else None
+                raise VersionConflictError(f"adapter for {request.task} changed while updating (started from "
+                                           f"version {request.continues}, now {now})")
+            record = self._new_record(request, old, version=row[0])
+            aad = slot_aad(self.store_id, request.user_id, request.task, record.version)
+            write_atomic(self.root / record.file, seal(self.key, data, aad))
+            with self._transaction() as db:
+                db.execute("UPDATE users SET next_version = ? WHERE user_id = ?", (record.version + 1,
+                                                                                   request.user_id))
+                db.execute(f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({_MARKS})", _values(record))
+            if old is not None and old.file != record.file:
+                (self.root / old.file).unlink(missing_ok=True)
+                fsync_dir((self.root / old.file).parent)
+        return record
+
+    def _new_record(self, request: SaveRequest, old: AdapterRecord | None, version: int) -> AdapterRecord:
+        now = time.time()
+        continued = request.continues is not None and old is not None
+        return AdapterRecord(
+            user_id=request.user_id, task=request.task, version=version,
+            file=f"{USERS_DIR}/{request.user_id}/{request.task}.v{version}.adapter", key_id=self.key.key_id,
+            base_model=request.base_model, strategy=request.strategy, items=request.items,
+            total_items=request.items + (old.total_items if continued else 0),
+            updates=(old.updates + 1) if continued else 0,
+            created_at=old.created_at if old else now, updated_at=now,
+        )
+
+    def load(self, record: AdapterRecord) -> LoraWeights:
+        """Decrypt and parse a stored adapter in memory.
+
+        Raises:
+            SealError: The file is missing, altered, moved from another slot or sealed with another key.
+        """
+        what = f"adapter of user {record.user_id} for {record.task} (version {record.version})"
+        if record.key_id != self.key.key_id:
+            raise SealError(f"{what} is sealed with key id {record.key_id}, not the current key; finish "
+                            "`prisp serve rotate-key`")
+        try:
+            blob = (self.root / record.file).read_bytes()
+        except OSError:
+            raise SealError(f"{what} is missing from the store; refusing to serve it") from None
+        aad = slot_aad(self.store_id, record.user_id, record.task, record.version)
+        try:
+            return adapter_from_bytes(unseal(self.key, blob, aad, what), what)
+        except SealError:
+            raise
+        except AdapterError as exc:  # authentic bytes that do not parse: still never served
+            raise SealError(str(exc)) from None
+
+    # ---- maintenance ------------------------------------------------------------------------------------
+    def recover(self) -> list[Path]:
+        """Remove what a crash can leave behind: temporary files, unreferenced versions, deleted users.
+
+        Returns:
+            The paths removed.
+        """
+        removed: list[Path] = []
+        with self._lock:
+            referenced = {row[0] for row in self._db.execute("SELECT file FROM adapters")}
+            users = {row[0] for row in self._db.execute("SELECT user_id FROM users")}
+            for user_dir in sorted((self.root / USERS_DIR).iterdir()):
+                if user_dir.name not in users:
+                    shutil.rmtree(user_dir, ignore_errors=True)
+                    removed.append(user_dir)
+                    continue
+                for path in sorted(user_dir.iterdir()):
+                    relative = f"{USERS_DIR}/{user_dir.name}/{path.name}"
+                    if path.name.startswith(TMP_PREFIX) or relative not in referenced:
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
+        return removed
+
+    def rotate_to(self, new_key: StoreKey) -> int:
+        """Re-seal every adapter under ``new_key``, one atomic file write at a time; resumable.
+
+        Returns:
+            How many adapters were re-sealed by this call.
+        """
+        with self._lock:
+            with self._transaction() as db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('rotating_to', ?)", (new_key.key_id,))
+            done = 0
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE key_id = ?", (self.key.key_id,))
+            for record in [AdapterRecord(*row) for row in rows.fetchall()]:
+                self._reseal(record, new_key)
+                with self._transaction() as db:
+                    db.execute("UPDATE adapters SET key_id = ? WHERE user_id = ? AND task = ?",
+                               (new_key.key_id, record.user_id, record.task))
+                done += 1
+            with self._transaction() as db:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_key.key_id,))
+                db.execute("DELETE FROM meta WHERE key = 'rotating_to'")
+            self.key = new_key
+        return done
+
+
+    def _reseal(self, record: AdapterRecord, new_key: StoreKey) -> None:
+        aad = slot_aad(self.store_id, record.user_id, record.task, record.version)
+        blob = (self.root / record.file).read_bytes()
+        try:
+            plain = unseal(self.key, blob, aad, record.file)
+        except SealError:
+            # A rotation killed between this file's rename and its row update: already under the new key.
+            unseal(new_key, blob, aad, record.file)
+            return
+        write_atomic(self.root / record.file, seal(new_key, plain, aad))
+
+
+_FIELDS = list(AdapterRecord.__dataclass_fields__)
+_COLUMNS = ", ".join(_FIELDS)
+_MARKS = ", ".join("?" for _ in _FIELDS)
+
+
+def _values(record: AdapterRecord) -> tuple:
+    return tuple(getattr(record, name) for name in _FIELDS)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
