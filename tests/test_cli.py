@@ -82,7 +82,7 @@ def test_malformed_questions_file_fails_with_one_line_and_writes_nothing(tiny_mo
     "args, needles",
     [
         (["--task", "LaMP-9"], ["unknown task 'LaMP-9'"]),
-        (["--task", "LaMP-4", "--method", "pag"], ["unknown method 'pag'"]),
+        (["--task", "LaMP-4", "--method", "magic"], ["unknown method 'magic'"]),
         (["--task", "LaMP-4", "--split", "nosuch"], ["no nosuch_questions.json"]),
         (["--task", "LaMP-4", "--model", "/no/such/model/dir"], ["does not exist"]),
         (["--task", "LaMP-4", "--k", "0"], ["--k must be at least 1"]),
@@ -151,6 +151,15 @@ def test_module_entry_point_and_models_listing():
                           "--preds", "/nope.json"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("prisp: error: file not found")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["pag", "rag+pag"])
+def test_predict_with_pag_profiles(tiny_model_dir, tmp_path, method):
+    out = tmp_path / "p.json"
+    result = invoke("predict", "--task", "LaMP-5", "--method", method, "--model", tiny_model_dir, "--limit", "2",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(out.read_text())["golds"]) == 2
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import typer
 
+from prisp.bench.cli import bench_command
 from prisp.errors import PrispError
 from prisp.serve.cli import serve_app
 
@@ -82,10 +83,12 @@ def predict(
     out: Path = typer.Option(..., help="Where to write predictions (LaMP outputs format)."),
     data: Optional[Path] = typer.Option(None, help="Data directory [default: $PRISP_DATA or the packaged sample]."),
     split: str = typer.Option("dev", help="Split name: reads {split}_questions.json."),
-    method: str = typer.Option("np", help="np | rag, or a personalization strategy: prisp | oppu | full-lora | "
-                                          "no-bridge | bridge-only (needs --anchor)."),
+    method: str = typer.Option("np", help="np | rag | pag | rag+pag, or a personalization strategy: prisp | oppu | "
+                                          "full-lora | no-bridge | bridge-only (needs --anchor)."),
     anchor: Optional[Path] = typer.Option(None, help="Anchor LoRA directory for personalized methods."),
     rag: bool = typer.Option(False, help="Personalized methods: also prepend the BM25 top-k item to prompts."),
+    pag: bool = typer.Option(False, help="Personalized methods: also prepend the user's PAG profile (written once "
+                                         "by the base model, cached under $PRISP_HOME/profiles)."),
     cache: Optional[Path] = typer.Option(None, help="Per-user adapter cache [default: $PRISP_HOME/adapters]."),
     k: int = typer.Option(1, help="Items retrieved per query (rag)."),
     history: int = typer.Option(10, help="Recent history items retrieval may use (0 = whole profile)."),
@@ -102,7 +105,8 @@ def predict(
     from prisp.data.lamp import load_task_split
     from prisp.data.tasks import get_task
     from prisp.generation import GenerationConfig
-    from prisp.predict import PredictConfig, predict_split, write_json_atomic
+    from prisp.predict import PredictConfig, predict_split, variant_method, write_json_atomic
+    from prisp.profiles import with_profiles
 
     from prisp.personalize import STRATEGIES
 
@@ -110,11 +114,12 @@ def predict(
     personalized = method in STRATEGIES
     if personalized and anchor is None:
         raise PrispError(f"--method {method} personalizes each user and needs --anchor DIR")
-    config = PredictConfig(method=("rag" if rag else "np") if personalized else method, k=k, history=history,
+    config = PredictConfig(method=variant_method(rag, pag) if personalized else method, k=k, history=history,
                            limit=limit, snap_labels=snap,
                            generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
     split_data = load_task_split(data or default_data_dir(), spec.name, split, require_golds=False)
     loaded = load_for_inference(model, adapter, threads)
+    config = with_profiles(config, loaded.model, loaded.tokenizer, model, split_data)
     total = min(len(split_data.queries), limit or len(split_data.queries))
     if personalized:
         run = _predict_personalized(loaded, model, split_data, anchor, method, config, cache)
@@ -354,6 +359,9 @@ def demo(
     _quiet_transformers()
     _set_threads(threads)
     run_demo(model, data, split, [t.strip() for t in tasks.split(",") if t.strip()])
+
+
+app.command("bench")(friendly(bench_command))
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Answer a LaMP split with a (possibly adapted) base model under a prompt method.
 
-Methods are a small table of prompt builders, so adding PAG or a personalized method later means
-adding a row, not threading flags through the pipeline.
+Methods are a small table of prompt builders (NP, RAG, PAG, RAG+PAG), so a new prompt composition is a row,
+not a flag threaded through the pipeline. PAG profile texts are generated elsewhere (``prisp.profiles``) and
+handed in through :class:`PredictConfig` ``profiles``, keyed by query id.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from prisp.data.lamp import LampSplit, Query
 from prisp.data.prompts import query_prompt, retrieval_query, with_context
@@ -24,17 +25,27 @@ from prisp.retrieval import Bm25Retriever
 
 @dataclass(frozen=True)
 class PromptMethod:
-    """How a query becomes a prompt: the Table 16 prompt plus optional retrieved history."""
+    """How a query becomes a prompt: the Table 16 prompt plus optional retrieved history and profile text."""
 
     name: str
     description: str
     retrieve: bool
+    profile: bool = False
 
 
 METHODS: dict[str, PromptMethod] = {
     "np": PromptMethod("np", "no personalization: the task prompt alone", retrieve=False),
     "rag": PromptMethod("rag", "BM25 top-k of the user's recent history prepended", retrieve=True),
+    "pag": PromptMethod("pag", "the user's LLM-written profile (PAG) prepended", False, profile=True),
+    "rag+pag": PromptMethod("rag+pag", "profile text, then the BM25 top-k history, prepended", retrieve=True,
+                            profile=True),
 }
+
+
+def variant_method(rag: bool, pag: bool) -> str:
+    """The prompt method for a personalized run: Base (np), +RAG, +PAG or RAG+PAG."""
+    table = {(False, False): "np", (True, False): "rag", (False, True): "pag", (True, True): "rag+pag"}
+    return table[(rag, pag)]
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class PredictConfig:
         limit: answer only the first ``limit`` queries (None = all).
         generation: decoding options (default: greedy with the task's ``max_new_tokens``).
         snap_labels: map label-task answers that start with a label onto it (see ``snap_to_label``).
+        profiles: ``{query id: profile text}`` for the PAG methods (see ``prisp.profiles.query_profiles``).
     """
 
     method: str = "np"
@@ -56,6 +68,7 @@ class PredictConfig:
     limit: int | None = None
     generation: GenerationConfig | None = None
     snap_labels: bool = True
+    profiles: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,11 +101,12 @@ def build_prompt(task: str, query: Query, method: PromptMethod, config: PredictC
                  labels: Sequence[str]) -> str:
     """The prompt for one query under ``method``."""
     prompt = query_prompt(task, query.input, labels)
+    profile_text = config.profiles.get(query.id, "") if method.profile else ""
     if not method.retrieve:
-        return prompt
+        return with_context(prompt, task, profile_text=profile_text)
     history = recent_items(query.profile, config.history) if config.history else list(query.profile)
     retrieved = Bm25Retriever(task, history).top_k(retrieval_query(task, query.input), config.k)
-    return with_context(prompt, task, retrieved)
+    return with_context(prompt, task, retrieved, profile_text)
 
 
 def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
@@ -104,6 +118,10 @@ def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
     spec = get_task(split.task)
     labels = label_set(spec.name, split.inputs)
     method = METHODS[config.method]
+    missing = [q.id for q in queries if method.profile and q.id not in config.profiles]
+    if missing:
+        raise DataError(f"method {method.name} needs a profile text for every query; query {missing[0]!r} "
+                        "has none (generate them with prisp.profiles.split_profiles)")
     prompts = [build_prompt(spec.name, q, method, config, labels) for q in queries]
     gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens)
     result = generate(model, tokenizer, prompts, gen_config, on_batch=on_batch)

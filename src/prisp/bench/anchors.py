@@ -1,0 +1,136 @@
+"""Anchors for the benchmark: the task-adapted LoRA (cached in the run directory) and the pluggable PRISP
+anchor.
+
+The PRISP anchor comes from a provider, ``(AnchorRequest) -> Anchor``. The default, :func:`hypernet_anchor`,
+generates it from the task description (Table 11) with the hypernetwork checkpoint (``--hypernet`` or the one
+shipped for the model) and falls back to the task-adapted anchor, recorded as such, when the model has none.
+``run_bench(config, prisp_anchor=my_provider)`` plugs in anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prisp.adapters import LoraWeights, load_adapter, save_adapter
+from prisp.data.lamp import Query
+from prisp.personalize import task_adapt
+from prisp.personalize.hyperparams import TASK_ADAPTATION
+from prisp.training import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# Table 11 (descriptions given to the hypernetwork); LaMP-2N is ours (LaMP v1's news categorization).
+TASK_DESCRIPTIONS: dict[str, str] = {
+    "LaMP-1": "Identify the most relevant reference for a given paper title. Select between two candidate "
+    "references [1] and [2].",
+    "LaMP-2": "Classify movies into one of these 15 tags based on their descriptions: sci-fi, based on a "
+    "book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, fantasy, romance, "
+    "thought-provoking, social commentary, violence, or true story.",
+    "LaMP-2N": "Classify a news article into one of the given categories based on its headline and "
+    "description.",
+    "LaMP-3": "What is the score of the following review on a scale of 1 to 5?",
+    "LaMP-4": "Generate a headline for an article.",
+    "LaMP-5": "Generate an appropriate title for an academic paper based on the provided abstract.",
+    "LaMP-7": "Paraphrase the following text into a tweet.",
+}
+
+
+@dataclass
+class Anchor:
+    """An anchor LoRA and where it came from."""
+
+    weights: LoraWeights
+    source: str  # e.g. "task-adapted (50 samples)", "hypernet:/path"
+    requires_task_data: bool
+    seconds: float = 0.0
+
+
+@dataclass
+class AnchorRequest:
+    """What a PRISP anchor provider gets. ``task_adapted()`` trains (or loads) the fallback on demand."""
+
+    base: object
+    tokenizer: object
+    model_name: str
+    task: str
+    hypernet: Path | None
+    task_adapted: Callable[[], Anchor]
+
+
+AnchorProvider = Callable[[AnchorRequest], Anchor]
+
+
+def task_adapted_anchor(
+    base,
+    tokenizer,
+    model_name: str,
+    task: str,
+    queries: Sequence[Query],
+    samples: int | None,
+    epochs: int,
+    max_length: int,
+    seed: int,
+    labels: Sequence[str],
+    cache_dir: Path,
+) -> Anchor:
+    """Train a task-adapted anchor (Table 7 schedule) on ``samples`` queries (None: all), or load it."""
+    report_file = cache_dir / "task_adaptation.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        return Anchor(load_adapter(cache_dir), report["source"], True, report["train"]["seconds"])
+    n = samples or len(queries)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=TASK_ADAPTATION.batch_size,
+        lr=TASK_ADAPTATION.lr,
+        seed=seed,
+        micro_batch_size=3,
+        max_length=max_length,
+        progress=False,
+    )
+    result = task_adapt(base, tokenizer, task, queries, n, seed, config=config, labels=labels)
+    source = f"task-adapted ({len(result.query_ids)} samples)"
+    report = {"task": task, "source": source, "query_ids": result.query_ids, "train": result.train.to_dict()}
+    save_adapter(
+        result.weights, cache_dir, model_name, {"task_adaptation.json": json.dumps(report, indent=1)}
+    )
+    return Anchor(result.weights, source, True, result.train.seconds)
+
+
+def hypernet_anchor(request: AnchorRequest) -> Anchor:
+    """The PRISP anchor from the hypernetwork; the task-adapted anchor when the model has no checkpoint.
+
+    An explicitly given ``--hypernet`` that fails to load is an error, never a silent fallback.
+    """
+    from prisp.hypernet.anchor import Anchorer
+    from prisp.hypernet.checkpoint import shipped_checkpoint
+
+    if request.hypernet is None and shipped_checkpoint(request.model_name) is None:
+        logger.warning(
+            "no hypernetwork checkpoint for %s: PRISP starts from the task-adapted anchor", request.model_name
+        )
+        fallback = request.task_adapted()
+        return Anchor(
+            fallback.weights, f"{fallback.source}; no hypernet for the model", True, fallback.seconds
+        )
+    start = time.perf_counter()
+    anchorer = Anchorer.load(request.hypernet, request.model_name, request.base, request.tokenizer)
+    weights = anchorer.generate(TASK_DESCRIPTIONS[request.task]).weights
+    where = request.hypernet or "shipped"
+    return Anchor(weights, f"hypernet ({where})", False, time.perf_counter() - start)
+
+
+def task_adapted_provider(request: AnchorRequest) -> Anchor:
+    """Provider that always uses the task-adapted anchor (an ablation: PRISP's Stage 2 with task data)."""
+    return request.task_adapted()
+
+
+ANCHOR_PROVIDERS: dict[str, AnchorProvider] = {
+    "hypernet": hypernet_anchor,
+    "task-adapted": task_adapted_provider,
+}

@@ -1,0 +1,85 @@
+"""The ``prisp bench`` command (wired into ``prisp.cli``'s app as ``bench``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def bench_command(
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated LaMP tasks (default: the profile's)."),
+    methods: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated: np, rag, pag, rag+pag, per-pcs, prime, oppu, "
+        "prisp (also full-lora, no-bridge, bridge-only).",
+    ),
+    variants: Optional[str] = typer.Option(
+        None, help="Prompt variants of personalized methods: np,rag,pag,rag+pag."
+    ),
+    protocol: Optional[str] = typer.Option(None, help="few-shot (50 task samples, 10 user items) or full."),
+    data: Optional[Path] = typer.Option(None, help="LaMP data directory (default: the profile's)."),
+    split: Optional[str] = typer.Option(None, help="Target users' split (default: dev)."),
+    users: Optional[int] = typer.Option(None, help="Target users per task (the split's first N)."),
+    profile: str = typer.Option("standard", help="quick (CI smoke) | standard (this machine) | paper (GPU)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: bench/results/<profile>)."),
+    model: Optional[str] = typer.Option(None, help="Base model: registered name, local dir or cached HF id."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    data_sizes: Optional[str] = typer.Option(None, help="Figure 6 user item counts, e.g. 1,5,10,30,50."),
+    prisp_anchor: Optional[str] = typer.Option(
+        None, help="hypernet (falls back to task-adapted) | task-adapted."
+    ),
+    hypernet: Optional[Path] = typer.Option(None, help="Hypernetwork checkpoint for the PRISP anchor."),
+    seed: Optional[int] = typer.Option(None, help="Seed."),
+    threads: Optional[int] = typer.Option(
+        None, help="torch CPU threads (default: $PRISP_THREADS or torch's)."
+    ),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run the paper's comparison grid (resumable) and write results.jsonl, report.md and figures."""
+    from prisp.bench.config import profile_config
+    from prisp.bench.runner import run_bench
+
+    threads = threads or int(os.environ.get("PRISP_THREADS", "0") or 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    sizes = tuple(int(s) for s in _csv(data_sizes)) if data_sizes else None
+    config = profile_config(
+        profile,
+        tasks=_csv(tasks),
+        methods=_csv(methods),
+        variants=_csv(variants),
+        protocol=protocol,
+        data=data,
+        split=split,
+        users=users,
+        out=out or Path("bench/results") / profile,
+        model=model,
+        device=device,
+        data_sizes=sizes,
+        prisp_anchor=prisp_anchor,
+        hypernet=hypernet,
+        seed=seed,
+        progress=progress,
+    )
+    _quiet_transformers()
+    outcome = run_bench(config)
+    typer.echo(
+        f"bench {config.profile}: {outcome.written} rows written, {outcome.skipped} already done -> "
+        f"{outcome.results}; report: {Path(config.out) / 'report.md'}"
+    )
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,286 @@
+"""``report.md`` from results.jsonl: Table 2 (best variant per method and task), every variant (Table 13),
+costs (Figure 3), the cost-performance trade-off (Figure 4, composite cost as in App. B) and data-size
+curves (Figure 6).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from prisp.bench import figures
+from prisp.bench.config import BenchConfig
+from prisp.bench.methods import BENCH_METHODS, VARIANTS
+from prisp.bench.results import git_revision
+from prisp.data.tasks import get_task
+from prisp.metrics import METRIC_KEYS
+
+REPORT_NAME = "report.md"
+_SHORT = {
+    "accuracy": "Acc ↑",
+    "f1": "F1 ↑",
+    "MAE": "MAE ↓",
+    "RMSE": "RMSE ↓",
+    "rouge-1": "R-1 ↑",
+    "rouge-L": "R-L ↑",
+}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def select_rows(config: BenchConfig, rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """This run's main-grid rows and its data-size rows (same model, protocol and split)."""
+    mine = [
+        r
+        for r in rows
+        if (r["model"], r["protocol"], r["split"]) == (config.model, config.protocol, config.split)
+        and r["task"] in config.tasks
+        and r["method"] in config.methods
+    ]
+    main = [r for r in mine if r["items"] == config.items and r["users"] == config.users]
+    size_users = config.data_size_users or config.users
+    sizes = [
+        r
+        for r in mine
+        if r["variant"] == "np"
+        and r["users"] == size_users
+        and r["task"] in config.data_size_tasks
+        and r["items"] in config.data_sizes
+    ]
+    return main, sizes
+
+
+def best_rows(main: Sequence[dict]) -> dict[tuple[str, str], dict]:
+    """Each (method, task)'s best variant by task score (the paper's Table 2 convention)."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in main:
+        key = (row["method"], row["task"])
+        if key not in best or row["score"] > best[key]["score"]:
+            best[key] = row
+    return best
+
+
+def _methods(config: BenchConfig, rows: Sequence[dict]) -> list[str]:
+    present = {r["method"] for r in rows}
+    return [m for m in BENCH_METHODS if m in present and m in config.methods]
+
+
+def table2(config: BenchConfig, main: Sequence[dict]) -> list[str]:
+    """Markdown lines: Table 2 layout with the Avg. over tasks and the privacy / task-data columns."""
+    best = best_rows(main)
+    header = ["Method", "Shared Params", "Requires Task Data"]
+    for task in config.tasks:
+        header += [f"{task} {_SHORT[k]}" for k in METRIC_KEYS[get_task(task).kind]]
+    lines = ["| " + " | ".join(header + ["Avg. ↑"]) + " |", "|" + "---|" * (len(header) + 1)]
+    notes = []
+    for name in _methods(config, main):
+        rows = [best.get((name, task)) for task in config.tasks]
+        first = next(r for r in rows if r)
+        shared = "✓" if first["shared_params"] else "×"
+        needs = "Yes" if any(r["requires_task_data"] for r in rows if r) else "No"
+        cells = [BENCH_METHODS[name].label, shared, needs]
+        for task, row in zip(config.tasks, rows):
+            cells += [_fmt(row["metrics"][k]) if row else "–" for k in METRIC_KEYS[get_task(task).kind]]
+        scores = [r["score"] for r in rows if r]
+        avg = _fmt(_mean(scores)) + ("" if len(scores) == len(rows) else "*")
+        lines.append("| " + " | ".join(cells + [avg]) + " |")
+        if BENCH_METHODS[name].kind != "prompt":
+            notes.append(
+                f"{BENCH_METHODS[name].label}: "
+                + ", ".join(f"{t} {VARIANTS[r['variant']]}" for t, r in zip(config.tasks, rows) if r)
+            )
+    best_note = "Best variant per task: " + "; ".join(notes) + "." if notes else ""
+    return [*lines, "", best_note, _AVG_NOTE]
+
+
+def variants_table(config: BenchConfig, main: Sequence[dict]) -> list[str]:
+    """Markdown lines: every (method, variant) with its task scores (Table 13 in one score per task)."""
+    lines = [
+        "| Method | Variant | " + " | ".join(config.tasks) + " | Avg. |",
+        "|" + "---|" * (len(config.tasks) + 3),
+    ]
+    index = {(r["method"], r["variant"], r["task"]): r for r in main}
+    for name in _methods(config, main):
+        for variant in VARIANTS:
+            rows = [index.get((name, variant, task)) for task in config.tasks]
+            if not any(rows):
+                continue
+            scores = [r["score"] if r else None for r in rows]
+            lines.append(
+                f"| {BENCH_METHODS[name].label} | {VARIANTS[variant]} | "
+                + " | ".join(_fmt(s) for s in scores)
+                + f" | {_fmt(_mean(scores))} |"
+            )
+    return lines
+
+
+def cost_summary(config: BenchConfig, main: Sequence[dict]) -> dict[str, dict]:
+    """Per trained method: task-averaged seconds and peak memory per user, and the composite cost (App. B)."""
+    best = best_rows(main)
+    names = [m for m in _methods(config, main) if BENCH_METHODS[m].kind != "prompt"]
+    per_task: dict[str, list[float]] = {m: [] for m in names}
+    for task in config.tasks:
+        rows = {m: best[(m, task)] for m in names if (m, task) in best}
+        max_s = max((r["seconds"] for r in rows.values()), default=0.0) or 1.0
+        max_m = max((r["peak_memory_mb"] or 0.0 for r in rows.values()), default=0.0) or 1.0
+        for m, r in rows.items():  # max-normalise per task, then average memory and time with equal weights
+            per_task[m].append(((r["peak_memory_mb"] or 0.0) / max_m + r["seconds"] / max_s) / 2)
+    summary = {}
+    for m in names:
+        rows = [best[(m, t)] for t in config.tasks if (m, t) in best]
+        summary[m] = {
+            "seconds": _mean([r["seconds"] for r in rows]) or 0.0,
+            "memory": _mean([r["peak_memory_mb"] for r in rows]),
+            "composite": _mean(per_task[m]),
+            "score": _mean([r["score"] for r in rows]),
+            "trainable": _mean([r["trainable_params"] for r in rows]),
+            "sharer_seconds": _mean([r["details"].get("sharer_seconds") for r in rows]),
+        }
+    return summary
+
+
+_COST_HEADER = (
+    "| Method | Time / user (s) | of which sharer training (s) | Peak memory / user (MB) | "
+    "Trainable params / user | Composite cost | Avg. ↑ |"
+)
+_COMPOSITE_NOTE = (
+    "Composite cost (App. B): per task, memory and time are divided by the largest value among these "
+    "methods, averaged with equal weights, then averaged over tasks."
+)
+_TIME_NOTE = (
+    "- Time: mean personalization seconds per target user (sharer methods include the training of the "
+    "sharer LoRAs they use and their own search; prompt-only methods train nothing)."
+)
+_MEMORY_NOTE = (
+    "- Memory: mean per-user peak as the training loop records it (CPU: sampled process RSS, which "
+    "includes the loaded model; GPU: max allocated)."
+)
+_AVG_NOTE = "Avg. = mean over tasks of (Acc+F1)/2, 1-(MAE+RMSE)/2 or (R-1+R-L)/2; * = some task missing."
+
+
+def cost_lines(summary: dict[str, dict]) -> list[str]:
+    lines = [_COST_HEADER, "|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        lines.append(
+            f"| {BENCH_METHODS[m].label} | {_fmt(s['seconds'], 2)} | {_fmt(s['sharer_seconds'], 2)} | "
+            f"{_fmt(s['memory'], 0)} | {_fmt(s['trainable'], 0)} | {_fmt(s['composite'])} | "
+            f"{_fmt(s['score'])} |"
+        )
+    return lines
+
+
+def data_size_series(config: BenchConfig, sizes_rows: Sequence[dict]) -> dict[str, list[float | None]]:
+    """Per method, the score averaged over the data-size tasks at each size."""
+    series = {}
+    for name in _methods(config, sizes_rows):
+        series[BENCH_METHODS[name].label] = [
+            _mean([r["score"] for r in sizes_rows if r["method"] == name and r["items"] == size])
+            for size in config.data_sizes
+        ]
+    return series
+
+
+def command_line(config: BenchConfig) -> str:
+    users = f" --users {config.users}" if config.users else ""
+    return (
+        f"prisp bench --profile {config.profile} --tasks {','.join(config.tasks)} --methods "
+        f"{','.join(config.methods)} --protocol {config.protocol} --data {config.data} --split {config.split}"
+        f"{users} --model {config.model} --out {config.out}"
+    )
+
+
+def write_report(config: BenchConfig, rows: Sequence[dict]) -> Path:
+    """Write ``report.md`` and its PNG figures into ``config.out``; returns the report path."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    main, sizes = select_rows(config, rows)
+    anchors = sorted({f"{r['task']}: {r['anchor']}" for r in main if r["method"] == "prisp" and r["anchor"]})
+    setting = (
+        f"Model `{config.model}`, protocol {config.protocol}, split `{config.split}`, target users per task: "
+        f"{config.users or 'all'}, git revision `{git_revision()}`, {len(main)} main rows."
+    )
+    lines = [
+        f"# prisp bench: {config.profile} profile",
+        "",
+        f"Command: `{command_line(config)}`",
+        "",
+        setting,
+        "",
+        "## Main results (Table 2 layout)",
+        "",
+        *table2(config, main),
+        "",
+        "## Every prompt variant (scores per task)",
+        "",
+        *variants_table(config, main),
+        "",
+    ]
+    lines += _figure_sections(config, main, sizes, out)
+    anchor_note = "- PRISP anchor: " + ("; ".join(anchors) if anchors else "not run") + "."
+    lines += ["## Notes", "", _TIME_NOTE, _MEMORY_NOTE, anchor_note]
+    path = out / REPORT_NAME
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _figure_sections(
+    config: BenchConfig, main: Sequence[dict], sizes: Sequence[dict], out: Path
+) -> list[str]:
+    summary = cost_summary(config, main)
+    lines: list[str] = []
+    if summary:
+        labels = [BENCH_METHODS[m].label for m in summary]
+        figures.cost_bars(
+            out / "fig3_cost.png",
+            labels,
+            [s["seconds"] for s in summary.values()],
+            [s["memory"] for s in summary.values()],
+        )
+        figures.tradeoff_scatter(
+            out / "fig4_tradeoff.png",
+            labels,
+            [s["composite"] or 0.0 for s in summary.values()],
+            [s["score"] or 0.0 for s in summary.values()],
+        )
+        lines += [
+            "## Cost (Figure 3) and cost-performance (Figure 4)",
+            "",
+            *cost_lines(summary),
+            "",
+            "![Figure 3: time and memory](fig3_cost.png)",
+            "",
+            "![Figure 4: cost-performance](fig4_tradeoff.png)",
+            "",
+            _COMPOSITE_NOTE,
+            "",
+        ]
+    series = data_size_series(config, sizes)
+    if series:
+        figures.data_size_curves(out / "fig6_data_size.png", config.data_sizes, series)
+        header = "| Method | " + " | ".join(str(s) for s in config.data_sizes) + " |"
+        table = [
+            f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |" for label, values in series.items()
+        ]
+        users = config.data_size_users or config.users or "all"
+        note = f"Tasks: {', '.join(config.data_size_tasks)}; Base variant; {users} users."
+        lines += [
+            "## Data size (Figure 6)",
+            "",
+            header,
+            "|" + "---|" * (len(config.data_sizes) + 1),
+            *table,
+            "",
+            note,
+            "",
+            "![Figure 6: data size](fig6_data_size.png)",
+            "",
+        ]
+    return lines

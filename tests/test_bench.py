@@ -1,0 +1,181 @@
+"""``prisp bench``: the quick profile end to end, resuming, the report's numbers and the PRISP anchor hook."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from prisp.adapters import LoraSpec, random_init
+from prisp.bench import Anchor, BenchConfig, grid, profile_config, run_bench
+from prisp.bench.cli import bench_command
+from prisp.bench.report import cost_summary
+from prisp.bench.results import ResultStore, row_key
+from prisp.errors import PrispError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("bench")(bench_command)
+
+    @app.callback()
+    def _root() -> None:  # keeps "bench" a subcommand, as in prisp's app
+        pass
+
+    return app
+
+
+def _bench(out: Path, model_dir: Path, *extra: str):
+    result = CliRunner().invoke(
+        _app(),
+        [
+            "bench",
+            "--profile",
+            "quick",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_model_dir, tmp_path_factory):
+    """One quick-profile run (tiny model, packaged sample, 2 users) shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    with pytest.MonkeyPatch.context() as mp:  # module scope runs before the per-test PRISP_HOME fixture
+        mp.setenv("PRISP_HOME", str(tmp_path_factory.getbasetemp() / "prisp-home"))
+        result = _bench(out, tiny_model_dir)
+    return out, result.output
+
+
+def test_quick_profile_writes_every_row_the_report_and_the_figures(quick_run, tiny_model_dir):
+    out, output = quick_run
+    config = profile_config("quick", model=str(tiny_model_dir), out=out)
+    expected = sum(len(grid(config, task)) for task in config.tasks)
+    rows = _rows(out)
+    assert len(rows) == expected and f"{expected} rows written" in output
+    assert len({row_key(r) for r in rows}) == len(rows)
+    by = {(r["task"], r["method"], r["variant"], r["items"]): r for r in rows}
+    for task in config.tasks:
+        assert {(m, v) for (t, m, v, i) in by if t == task and i == 10} >= {
+            ("np", "np"),
+            ("prisp", "rag+pag"),
+            ("prime", "pag"),
+            ("per-pcs", "rag"),
+        }
+    for row in rows:
+        assert set(row["metrics"]) and row["git_revision"] and row["config"]["profile"] == "quick"
+    prime, prisp, np_row = (
+        by[("LaMP-2N", "prime", "np", 10)],
+        by[("LaMP-2N", "prisp", "np", 10)],
+        by[("LaMP-2N", "np", "np", 10)],
+    )
+    assert prime["shared_params"] and not prisp["shared_params"] and not np_row["shared_params"]
+    assert prime["details"]["sharer_seconds"] > 0 and prime["seconds"] > prime["details"]["own_seconds"]
+    assert prisp["trainable_params"] > 0 and prisp["peak_memory_mb"] > 0 and np_row["seconds"] == 0
+    assert (
+        "task-adapted" in prisp["anchor"] and prisp["requires_task_data"]
+    )  # tiny model: no hypernet, fallback
+    assert {(r["method"], r["items"]) for r in rows if r["items"] in (1, 5)} == {
+        (m, i) for m in ("per-pcs", "prime", "oppu", "prisp") for i in (1, 5)
+    }
+    report = (out / "report.md").read_text()
+    assert "Shared Params" in report and "Requires Task Data" in report and "Avg." in report
+    for name in ("fig3_cost.png", "fig4_tradeoff.png", "fig6_data_size.png"):
+        assert f"]({name})" in report and (out / name).read_bytes().startswith(PNG)
+
+
+def test_resumed_run_skips_done_rows_and_adds_no_duplicates(quick_run, tiny_model_dir, tmp_path):
+    src, _ = quick_run
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out)
+    total = len(_rows(out))
+    again = _bench(out, tiny_model_dir)
+    assert f"0 rows written, {total} already done" in again.output
+    lines = (out / "results.jsonl").read_text().splitlines()
+    # Simulate a crash: the last three rows never made it, the one before was cut mid-line.
+    (out / "results.jsonl").write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:40])
+    resumed = _bench(out, tiny_model_dir)
+    assert "4 rows written" in resumed.output
+    rows = ResultStore(out).rows
+    assert len(rows) == total and len({row_key(r) for r in rows}) == total
+
+
+def test_composite_cost_is_max_normalised_per_task_then_averaged():
+    def row(method, task, seconds, memory, score):
+        return {
+            "method": method,
+            "task": task,
+            "variant": "np",
+            "seconds": seconds,
+            "peak_memory_mb": memory,
+            "score": score,
+            "trainable_params": 1,
+            "details": {},
+        }
+
+    config = BenchConfig(tasks=("LaMP-4", "LaMP-5"), methods=("oppu", "prisp"))
+    rows = [
+        row("oppu", "LaMP-4", 10.0, 200.0, 0.2),
+        row("prisp", "LaMP-4", 5.0, 100.0, 0.3),
+        row("oppu", "LaMP-5", 4.0, 50.0, 0.4),
+        row("prisp", "LaMP-5", 8.0, 100.0, 0.5),
+    ]
+    summary = cost_summary(config, rows)
+    assert summary["oppu"]["composite"] == pytest.approx(((1 + 1) / 2 + (0.5 + 0.5) / 2) / 2)
+    assert summary["prisp"]["composite"] == pytest.approx(((0.5 + 0.5) / 2 + (1 + 1) / 2) / 2)
+    assert summary["prisp"]["score"] == pytest.approx(0.4) and summary["oppu"]["seconds"] == pytest.approx(
+        7.0
+    )
+
+
+def test_prisp_anchor_comes_from_the_pluggable_provider(tiny_model_dir, tmp_path):
+    calls = []
+
+    def provider(request):
+        calls.append(request.task)
+        return Anchor(
+            random_init(request.base, LoraSpec(), seed=7), "test-hypernet", requires_task_data=False
+        )
+
+    config = profile_config(
+        "quick",
+        model=str(tiny_model_dir),
+        out=tmp_path,
+        tasks=("LaMP-4",),
+        methods=("prisp",),
+        variants=("np",),
+        data_sizes=(),
+        users=1,
+        progress=False,
+    )
+    outcome = run_bench(config, prisp_anchor=provider)
+    (row,) = _rows(tmp_path)
+    assert calls == ["LaMP-4"] and outcome.written == 1
+    assert row["anchor"] == "test-hypernet" and row["requires_task_data"] is False
+    assert not (tmp_path / "cache" / "LaMP-4" / "anchors").exists()  # no task data touched
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(PrispError, match="unknown profile"):
+        profile_config("huge")
+    with pytest.raises(PrispError, match="unknown benchmark method"):
+        profile_config("quick", methods=("np", "magic"))
+    with pytest.raises(PrispError, match="protocol"):
+        profile_config("quick", protocol="zero-shot")
