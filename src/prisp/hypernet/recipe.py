@@ -1,0 +1,430 @@
+"""Training the hypernetwork on multi-task SNI data, through the project's one loop (``prisp.training.train``).
+
+Two modes (a small strategy table, :data:`MODES`):
+
+* ``sft`` (Text-to-LoRA's choice): the generated LoRA is applied to the frozen base model in-graph
+  (:class:`~prisp.hypernet.injection.BatchedLora`, one LoRA per batch row), loss on answer tokens only,
+  gradients only into the hypernetwork.
+* ``recon``: L1 between the generated factors and per-task target LoRAs, themselves trained with
+  ``prisp.training.train`` on a few tasks (cheap: no base-model pass per hypernet step).
+
+Each epoch is one call of ``train`` (one AdamW, warm-up then linear decay; epoch peaks follow a cosine
+over the run). Every ``save_every`` steps the hypernetwork and the run state (which examples of the epoch
+are done) are checkpointed from inside the loop; a resumed run feeds the epoch's remaining examples to a
+new ``train`` call (a fresh AdamW: optimiser moments are not carried over, see the report). Loss is logged
+per step (``log.jsonl``), held-out metrics after every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prisp.adapters import LoraSpec, shapes_for_model
+from prisp.errors import DataError
+from prisp.hypernet import recon as recon_mode
+from prisp.hypernet.checkpoint import HyperNetCheckpoint, load_checkpoint, save_checkpoint
+from prisp.hypernet.data import DescriptionTable, SniData, described_examples, description_table
+from prisp.hypernet.encoders import DescriptionEncoder
+from prisp.hypernet.evaluation import HyperLoraModel, RougeProbe, add_header, answer_loss, rouge_l, sft_loss
+from prisp.hypernet.model import HyperNet, HyperNetConfig
+from prisp.training import Example, TokenizedExample, TrainConfig, tokenize_examples, train
+
+logger = logging.getLogger(__name__)
+MODE_NAMES = ("sft", "recon")
+
+
+@dataclass
+class HyperTrainConfig:
+    """Options of a hypernetwork training run.
+
+    Attributes:
+        mode: ``sft`` or ``recon``.
+        epochs: Passes over the training examples.
+        batch_size: Examples per step (tasks mix within a batch).
+        lr: Peak learning rate of the first epoch.
+        min_lr_ratio: Last epoch's peak as a fraction of ``lr`` (cosine in between).
+        warmup_ratio: Warm-up fraction of every ``train`` call (each epoch, and a resumed remainder).
+        weight_decay, max_grad_norm: As in ``TrainConfig``.
+        max_length: Tokens per example (prompts lose their left part beyond it).
+        seed: Seeds description draws, shuffling and dropout.
+        steps_limit: Stop after this many steps in all (None: no limit).
+        save_every: Checkpoint every this many steps (None: at the end of each epoch only).
+        eval_instances: Held-out instances per task for ROUGE-L (0 skips generation).
+        eval_max_new_tokens: Answer budget of the ROUGE-L probe.
+        hypernet: Overrides of :class:`HyperNetConfig` options (e.g. ``{"head_in_dim": 64}``).
+        recon_tasks: Training tasks that get a target LoRA in ``recon`` mode.
+        recon_epochs, recon_lr: Training of those target LoRAs.
+        micro_batch_size: SFT examples per forward pass; 1 (default) avoids padding entirely, which on a CPU
+            is faster than batched passes over right-padded SNI examples of very different lengths.
+    """
+
+    mode: str = "sft"
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    max_length: int = 256
+    seed: int = 0
+    steps_limit: int | None = None
+    save_every: int | None = None
+    eval_instances: int = 2
+    eval_max_new_tokens: int = 32
+    hypernet: dict = field(default_factory=dict)
+    recon_tasks: int = 8
+    recon_epochs: int = 4
+    recon_lr: float = 1e-3
+    micro_batch_size: int | None = 1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mode": self.mode in MODE_NAMES,
+            "epochs": isinstance(self.epochs, int) and self.epochs >= 1,
+            "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "min_lr_ratio": 0 < self.min_lr_ratio <= 1,
+            "max_length": isinstance(self.max_length, int) and self.max_length >= 8,
+            "steps_limit": self.steps_limit is None or self.steps_limit >= 1,
+            "save_every": self.save_every is None or self.save_every >= 1,
+            "eval_instances": self.eval_instances >= 0,
+            "recon_tasks": self.recon_tasks >= 1,
+        }
+        for option, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid hypernet training option {option}={getattr(self, option)!r}")
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in the checkpoint JSON under ``state``."""
+
+    epoch: int = 0  # epochs fully done
+    step: int = 0  # optimiser steps done in all
+    consumed: list[int] = field(default_factory=list)  # positions of the current epoch's examples done
+    done: bool = False
+    seconds: float = 0.0  # training wall time in all (train() calls only)
+    history: list[dict] = field(default_factory=list)  # per-epoch metrics
+    base_metrics: dict = field(default_factory=dict)  # held-out metrics without adapter (computed once)
+
+
+@dataclass
+class RunResult:
+    checkpoint: HyperNetCheckpoint
+    state: RunState
+    out_dir: Path
+
+
+def _peak_lr(config: HyperTrainConfig, step: int, total_steps: int) -> float:
+    """Cosine over the run from ``lr`` to ``lr * min_lr_ratio``, sampled at the call's first step."""
+    progress = min(1.0, step / max(1, total_steps))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class _Run:
+    """Everything a run needs, built once."""
+
+    wrapper: HyperLoraModel
+    tokenizer: object
+    data: SniData
+    table: DescriptionTable
+    eval_rows: dict[str, int]
+    heldout_examples: list[TokenizedExample]
+    probe: RougeProbe
+    config: HyperTrainConfig
+    checkpoint: HyperNetCheckpoint
+    out_dir: Path
+    log_file: Path
+
+
+def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: DescriptionEncoder, out_dir: str | Path,
+                   config: HyperTrainConfig, *, model_name: str, command: str = "",
+                   resume: bool = False) -> RunResult:
+    """Train (or resume training) a hypernetwork; checkpoints go to ``out_dir/checkpoint``.
+
+    Args:
+        base: The base causal LM; frozen here (``requires_grad_(False)``) and never modified.
+        tokenizer: Its tokenizer.
+        data: SNI tasks (train split trains, heldout split evaluates).
+        encoder: Description encoder (its name is recorded).
+        out_dir: Run directory: ``checkpoint/``, ``log.jsonl`` (one line per step and per epoch), ``targets/``.
+        config: Run options.
+        model_name: Base model name recorded in the checkpoint (e.g. ``smollm2-135m``).
+        command: The exact command line, recorded.
+        resume: Continue from ``out_dir/checkpoint`` (refused if options or data differ).
+
+    Raises:
+        DataError: No training tasks, or a resume whose data/options differ from the saved run.
+    """
+    run, state = _prepare(base, tokenizer, data, encoder, Path(out_dir), config, model_name, command, resume)
+    mode = MODES[config.mode](run)
+    if state.done:
+        logger.info("run in %s is already complete (step %d)", run.out_dir, state.step)
+        return RunResult(run.checkpoint, state, run.out_dir)
+    if not state.base_metrics:
+        state.base_metrics = _evaluate(run, with_adapter=False)
+        logger.info("held-out without adapter: %s", _fmt(state.base_metrics))
+    total_steps = mode.total_steps()
+    while not state.done:
+        examples = mode.examples(state.epoch)  # header = position in this list
+        done = set(state.consumed)
+        remaining = [p for p in range(len(examples)) if p not in done]
+        if config.steps_limit is not None:
+            remaining = remaining[: max(0, config.steps_limit - state.step) * config.batch_size]
+        if remaining:
+            _run_epoch(run, mode, state, examples, remaining, total_steps)
+        if len(state.consumed) >= len(examples):
+            state.epoch, state.consumed = state.epoch + 1, []
+        limited = config.steps_limit is not None and state.step >= config.steps_limit
+        state.done = limited or state.epoch >= config.epochs
+        _end_of_epoch(run, state)
+    return RunResult(run.checkpoint, state, run.out_dir)
+
+
+def _prepare(base, tokenizer, data, encoder, out_dir, config, model_name, command, resume):
+    base.requires_grad_(False)
+    train_tasks, heldout = data.split("train"), data.split("heldout")
+    if not train_tasks:
+        raise DataError(f"{data.path or 'SNI data'} has no tasks with split 'train'")
+    table = description_table(train_tasks)
+    eval_rows = {task.name: table.add(task.name, task.eval_description) for task in heldout}
+    embeddings = _embeddings(encoder, table.texts, out_dir / "embeddings.safetensors")  # [R, d]
+    ckpt_dir = out_dir / "checkpoint"
+    if resume and (ckpt_dir / "hypernet.json").is_file():
+        checkpoint = load_checkpoint(ckpt_dir)
+        _check_resumable(checkpoint, data, encoder, config)
+        state = RunState(**checkpoint.meta["state"])
+        limit_left = config.steps_limit is None or state.step < config.steps_limit
+        state.done = state.done and not (state.epoch < config.epochs and limit_left)
+        _truncate_log(out_dir / "log.jsonl", state.step)
+        logger.info("resuming %s at epoch %d step %d (%d examples of the epoch done)", ckpt_dir, state.epoch,
+                    state.step, len(state.consumed))
+    else:
+        if (ckpt_dir / "hypernet.json").is_file():
+            raise DataError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
+        torch.manual_seed(config.seed)
+        shapes = shapes_for_model(base, LoraSpec().target_modules)
+        hypernet_config = HyperNetConfig.for_shapes(encoder.dim, shapes, **config.hypernet)
+        checkpoint = HyperNetCheckpoint(HyperNet(hypernet_config), base_model=model_name, encoder=encoder.name)
+        state = RunState()
+    checkpoint.meta.update(training_command=command, data_sha256=data.sha256,
+                           train_config=asdict(config), data_tasks={"train": len(train_tasks), "heldout": len(heldout)})
+    wrapper = HyperLoraModel(base, checkpoint.hypernet, embeddings)
+    heldout_examples = _heldout_examples(tokenizer, heldout, eval_rows, config.max_length)
+    probe = RougeProbe(rows=[eval_rows[t.name] for t in heldout],
+                       prompts=[[i.input for i in t.instances[:config.eval_instances]] for t in heldout],
+                       golds=[[i.output for i in t.instances[:config.eval_instances]] for t in heldout])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(wrapper, tokenizer, data, table, eval_rows, heldout_examples, probe, config, checkpoint, out_dir,
+               out_dir / "log.jsonl")
+    return run, state
+
+
+def _embeddings(encoder: DescriptionEncoder, texts: list[str], cache: Path) -> torch.Tensor:
+    """Encode ``texts``, reusing ``cache`` when it holds exactly these texts from this encoder."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([encoder.name, encoder.dim, texts]).encode("utf-8")).hexdigest()
+    if cache.is_file():
+        stored = load_file(str(cache))
+        if "key" in stored and bytes(stored["key"].tolist()).decode("ascii") == key:
+            logger.info("description embeddings from %s", cache)
+            return stored["embeddings"]
+    logger.info("encoding %d descriptions with %s", len(texts), encoder.name)
+    embeddings = encoder.encode(texts)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": embeddings.contiguous(), "key": torch.tensor(list(key.encode("ascii")), dtype=torch.uint8)},
+              str(cache))
+    return embeddings
+
+
+def _check_resumable(checkpoint: HyperNetCheckpoint, data: SniData, encoder, config: HyperTrainConfig) -> None:
+    meta = checkpoint.meta
+    if "state" not in meta:
+        raise DataError("cannot resume: the checkpoint has no run state (it is a finished, exported hypernet)")
+    if meta.get("data_sha256") != data.sha256:
+        raise DataError(f"cannot resume: the data's sha256 {data.sha256[:12]} differs from the run's "
+                        f"{str(meta.get('data_sha256'))[:12]}")
+    if checkpoint.encoder != encoder.name:
+        raise DataError(f"cannot resume: the run used encoder {checkpoint.encoder!r}, not {encoder.name!r}")
+    saved = meta.get("train_config", {})
+    for option in ("mode", "batch_size", "seed", "max_length"):
+        if saved.get(option) != getattr(config, option):
+            raise DataError(f"cannot resume: option {option} was {saved.get(option)!r}, now {getattr(config, option)!r}")
+
+
+def _heldout_examples(tokenizer, heldout, eval_rows, max_length) -> list[TokenizedExample]:
+    examples = [Example(prompt=i.input, answer=i.output) for t in heldout for i in t.instances]
+    rows = [eval_rows[t.name] for t in heldout for _ in t.instances]
+    tokenized = tokenize_examples(tokenizer, examples, max_length - 1)
+    return [add_header(e, row, max_length) for e, row in zip(tokenized, rows)]
+
+
+def _run_epoch(run: _Run, mode, state: RunState, examples: list[TokenizedExample], positions: list[int],
+               total_steps: int) -> None:
+    """One ``train`` call over ``examples[positions]``, checkpointing every ``save_every`` steps."""
+    config = run.config
+    lr = _peak_lr(config, state.step, total_steps)
+    start_step, seconds_before = state.step, state.seconds
+    started = time.perf_counter()
+
+    def on_step(step: int, value: float, done_positions: list[int]) -> None:
+        state.step = step
+        state.consumed += done_positions
+        elapsed = time.perf_counter() - started
+        state.seconds = seconds_before + elapsed
+        _log(run, {"step": step, "epoch": state.epoch, "loss": round(value, 5), "seconds": round(elapsed, 2)})
+        logger.info("step %d/%d epoch %d loss %.4f (%.2f s/step)", step, total_steps, state.epoch, value,
+                    elapsed / (step - start_step))
+        return bool(config.save_every) and step % config.save_every == 0
+
+    meter = _StepMeter(len(positions), config.batch_size, start_step, on_step, save=lambda: _save(run, state))
+    run.wrapper.on_loss = meter
+    run.wrapper.row_lookup = mode.rows(state.epoch)
+    train_config = TrainConfig(epochs=1, batch_size=config.batch_size, lr=lr, weight_decay=config.weight_decay,
+                               warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
+                               seed=config.seed + 7919 * state.epoch + len(state.consumed),
+                               max_length=config.max_length, progress=False, micro_batch_size=mode.micro_batch_size)
+    try:
+        train(run.wrapper, list(run.wrapper.hypernet.parameters()), [examples[p] for p in positions], train_config,
+              loss_fn=mode.loss_fn, pad_id=run.tokenizer.pad_token_id or 0)
+    finally:
+        run.wrapper.on_loss = None
+        run.wrapper.row_lookup = None
+        state.seconds = seconds_before + time.perf_counter() - started
+    _save(run, state)
+
+
+class _StepMeter:
+    """Turns per-micro-batch losses into one token-weighted loss per optimiser step, and checkpoints.
+
+    ``train`` cuts the (shuffled) examples into batches of ``batch_size`` (the last may be short) and each
+    batch into micro-batches; the loss hook sees only micro-batches, so steps are counted by examples. A
+    checkpoint asked for at step k is written when step k+1's first micro-batch arrives, i.e. after the
+    optimiser has applied step k (or by the caller after ``train`` returns).
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, start_step: int, on_step, save) -> None:
+        self.left = n_examples
+        self.batch_size = batch_size
+        self.step = start_step
+        self.on_step = on_step
+        self.save = save
+        self.pending_save = False
+        self.total = self.tokens = 0.0
+        self.positions: list[int] = []
+
+    def __call__(self, loss: float, positions: list[int], tokens: int) -> None:
+        if self.pending_save:
+            self.save()
+            self.pending_save = False
+        self.total += loss * tokens
+        self.tokens += tokens
+        self.positions += positions
+        if len(self.positions) >= min(self.batch_size, self.left):
+            self.step += 1
+            self.left -= len(self.positions)
+            self.pending_save = self.on_step(self.step, self.total / max(1.0, self.tokens), self.positions)
+            self.total = self.tokens = 0.0
+            self.positions = []
+
+
+def _evaluate(run: _Run, with_adapter: bool) -> dict:
+    started = time.perf_counter()
+    pad = run.tokenizer.pad_token_id or 0
+    metrics = {"heldout_loss": answer_loss(run.wrapper, run.heldout_examples, with_adapter, pad_id=pad)}
+    if run.config.eval_instances:
+        metrics["heldout_rouge_l"] = rouge_l(run.wrapper, run.tokenizer, run.probe, with_adapter,
+                                             run.config.eval_max_new_tokens, run.config.max_length)
+    metrics["eval_seconds"] = round(time.perf_counter() - started, 1)
+    return metrics
+
+
+def _end_of_epoch(run: _Run, state: RunState) -> None:
+    metrics = _evaluate(run, with_adapter=True)
+    losses = _epoch_losses(run.log_file, state.epoch - (0 if state.consumed else 1))
+    entry = {"epoch": state.epoch, "step": state.step, **metrics, **losses}
+    state.history.append(entry)
+    _log(run, {"eval": entry, "base": state.base_metrics})
+    logger.info("epoch %d step %d: adapter %s | base %s", state.epoch, state.step, _fmt(metrics),
+                _fmt(state.base_metrics))
+    _save(run, state)
+
+
+def _epoch_losses(log_file: Path, epoch: int) -> dict:
+    values = []
+    if log_file.is_file():
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "loss" in record and record.get("epoch") == epoch:
+                values.append(record["loss"])
+    if not values:
+        return {}
+    tail = values[-max(1, len(values) // 10):]
+    return {"train_loss_first": values[0], "train_loss_mean": sum(values) / len(values),
+            "train_loss_last10pct": sum(tail) / len(tail)}
+
+
+def _save(run: _Run, state: RunState) -> None:
+    run.checkpoint.meta["state"] = asdict(state)
+    run.checkpoint.meta["metrics"] = {"base": state.base_metrics,
+                                      "final": state.history[-1] if state.history else None}
+    save_checkpoint(run.checkpoint, run.out_dir / "checkpoint")
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop step records past ``step`` (written after the last checkpoint)."""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step or "loss" not in json.loads(line)]
+    log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _log(run: _Run, record: dict) -> None:
+    with run.log_file.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+class SftMode:
+    """Examples: instances of training tasks, a description row drawn per example and epoch."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.tasks = run.data.split("train")
+        instances = [Example(prompt=i.input, answer=i.output) for t in self.tasks for i in t.instances]
+        self.tokenized = tokenize_examples(run.tokenizer, instances, run.config.max_length - 1)
+        self.loss_fn = sft_loss
+        self.micro_batch_size = run.config.micro_batch_size
+
+    def total_steps(self) -> int:
+        steps = math.ceil(len(self.tokenized) / self.run.config.batch_size) * self.run.config.epochs
+        return min(steps, self.run.config.steps_limit or steps)
+
+    def rows(self, epoch: int) -> torch.Tensor:
+        """Description row of each example position in ``epoch`` (seeded draw per example and epoch)."""
+        described = described_examples(self.tasks, self.run.table, seed=self.run.config.seed * 1000 + epoch)
+        return torch.tensor([d.row for d in described])
+
+    def examples(self, epoch: int) -> list[TokenizedExample]:
+        """The epoch's examples; each carries its own position as header (see :meth:`rows`)."""
+        return [add_header(e, position, self.run.config.max_length) for position, e in enumerate(self.tokenized)]
+
+
+MODES = {"sft": SftMode, "recon": recon_mode.ReconMode}
