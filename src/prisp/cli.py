@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
 from prisp.bench.cli import bench_command
+from prisp.console import friendly, quiet_transformers, set_threads
 from prisp.errors import PrispError
 from prisp.hypernet.cli import anchor_command, hypernet_app
 from prisp.serve.cli import serve_app
@@ -26,21 +26,6 @@ app.add_typer(hypernet_app, name="hypernet")
 data_app.add_typer(download_app, name="download")
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
-EXIT_USER_ERROR = 2
-
-
-def friendly(command: Callable) -> Callable:
-    """Turn a :class:`PrispError` into one line on stderr and exit code 2 (no stack trace)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except PrispError as exc:
-            typer.echo(f"prisp: error: {exc}", err=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-
-    return wrapper
 
 
 def default_data_dir() -> Path:
@@ -48,27 +33,12 @@ def default_data_dir() -> Path:
     return Path(os.environ["PRISP_DATA"]) if os.environ.get("PRISP_DATA") else SAMPLE_DIR
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _set_threads(threads: Optional[int]) -> None:
-    import torch
-
-    threads = threads or int(os.environ.get("PRISP_THREADS", "0") or 0)
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def load_for_inference(model_name: str, adapter: Optional[Path], threads: Optional[int]):
     """Load the base model (and a peft adapter on top) with a status line on stderr."""
     from prisp.models import load_model
 
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     typer.echo(f"loading model {model_name} ...", err=True)
     loaded = load_model(model_name)
     if adapter is not None:
@@ -358,8 +328,8 @@ def demo(
     """The main job on the embedded defaults: NP vs RAG predictions and metrics on the packaged sample."""
     from prisp.demo import run_demo
 
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     run_demo(model, data, split, [t.strip() for t in tasks.split(",") if t.strip()])
 
 

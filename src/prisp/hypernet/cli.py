@@ -12,7 +12,6 @@ Heavy imports (torch, transformers) happen inside the commands.
 from __future__ import annotations
 
 import enum
-import functools
 import os
 import shlex
 import sys
@@ -22,11 +21,10 @@ from typing import Optional
 
 import typer
 
-from prisp.errors import PrispError
+from prisp.console import friendly, quiet_transformers, set_threads
 
 hypernet_app = typer.Typer(help="The Text-to-LoRA hypernetwork: train one on SNI tasks.", no_args_is_help=True,
                            pretty_exceptions_enable=False, add_completion=False)
-EXIT_USER_ERROR = 2
 
 
 @hypernet_app.callback()
@@ -44,20 +42,6 @@ class Mode(str, enum.Enum):
     recon = "recon"
 
 
-def _one_line_errors(command):
-    """PrispError -> one line on stderr, exit 2 (same contract as ``prisp.cli.friendly``)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except PrispError as exc:
-            typer.echo(f"prisp: error: {exc}", err=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-
-    return wrapper
-
-
 def default_sni_path() -> Path:
     """``$PRISP_SNI`` when set, else ``../shared/data/sni/tasks.jsonl`` relative to the working directory."""
     return Path(os.environ.get("PRISP_SNI") or Path("..") / "shared" / "data" / "sni" / "tasks.jsonl")
@@ -72,23 +56,8 @@ def _command_line() -> str:
     return shlex.join(sys.argv)
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _set_threads(threads: Optional[int]) -> None:
-    import torch
-
-    threads = threads or int(os.environ.get("PRISP_THREADS", "0") or 0)
-    if threads:
-        torch.set_num_threads(threads)
-
-
 @hypernet_app.command("train")
-@_one_line_errors
+@friendly
 def train_command(
     out: Path = typer.Option(..., help="Run directory: checkpoint/ (hypernet.safetensors + .json), log.jsonl."),
     data: Optional[Path] = typer.Option(None, help="SNI tasks.jsonl (default: $PRISP_SNI or "
@@ -117,8 +86,8 @@ def train_command(
     from prisp.models import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     config = HyperTrainConfig(mode=mode.value, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
                               seed=seed, steps_limit=steps_limit, save_every=save_every, eval_instances=eval_instances)
     sni = load_sni(data or default_sni_path())
@@ -147,8 +116,8 @@ def anchor_command(
         raise DataError("--description is empty; describe the task in a sentence or two")
     from prisp.hypernet.anchor import Anchorer
 
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     start = time.perf_counter()
     anchorer = Anchorer.load(hypernet, model)
     load_s = time.perf_counter() - start

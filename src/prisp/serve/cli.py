@@ -7,41 +7,25 @@ runs the server (the group's callback), the sub-commands manage keys and exports
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
+from prisp.console import friendly
 from prisp.errors import PrispError
 
-EXIT_USER_ERROR = 2
 serve_app = typer.Typer(help="Serve personalized adapters over HTTP from an encrypted per-user store.",
                         invoke_without_command=True, pretty_exceptions_enable=False, add_completion=False)
-
-
-def _friendly(command: Callable) -> Callable:
-    """One line on stderr and exit code 2 for a :class:`PrispError` (as the main CLI does)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except PrispError as exc:
-            typer.echo(f"prisp: error: {exc}", err=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-
-    return wrapper
 
 
 _KEY_FILE_HELP = "File holding the base64 store key [default: $PRISP_STORE_KEY]."
 
 
 @serve_app.callback(invoke_without_command=True)
-@_friendly
+@friendly
 def serve(
     ctx: typer.Context,
     store: Path | None = typer.Option(None, help="Store directory (created on first start)."),
@@ -104,7 +88,7 @@ def _is_loopback(host: str) -> bool:
 
 
 @serve_app.command("keygen")
-@_friendly
+@friendly
 def keygen(out: Path | None = typer.Option(None, help="Write the key to this new file (mode 0600) instead.")
            ) -> None:
     """Print a fresh store key (base64 of 32 random bytes) for PRISP_STORE_KEY or --key-file."""
@@ -124,7 +108,7 @@ def keygen(out: Path | None = typer.Option(None, help="Write the key to this new
 
 
 @serve_app.command("rotate-key")
-@_friendly
+@friendly
 def rotate_key(
     store: Path = typer.Option(..., help="Store directory (stop the server first)."),
     new_key_file: Path = typer.Option(..., help="The new key's file (`prisp serve keygen --out F`)."),
@@ -144,7 +128,7 @@ def rotate_key(
 
 
 @serve_app.command("export")
-@_friendly
+@friendly
 def export(
     store: Path = typer.Option(..., help="Store directory."),
     user: str = typer.Option(..., help="User id."),
