@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from prisp.batch.cli import export_app, personalize_batch_command
 from prisp.bench.cli import bench_command
 from prisp.console import friendly, quiet_transformers, set_threads
 from prisp.errors import PrispError
@@ -23,6 +24,7 @@ download_app = typer.Typer(help="Download a benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(serve_app, name="serve")
 app.add_typer(hypernet_app, name="hypernet")
+app.add_typer(export_app, name="export")
 data_app.add_typer(download_app, name="download")
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
@@ -335,6 +337,7 @@ def demo(
 
 app.command("bench")(friendly(bench_command))
 app.command("anchor")(friendly(anchor_command))
+app.command("personalize-batch")(personalize_batch_command)
 
 
 def main() -> None:

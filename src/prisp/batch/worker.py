@@ -1,0 +1,184 @@
+"""What runs inside a batch worker: the base model and anchor loaded once, then one user per call.
+
+Both backends use this module: the local pool calls :func:`init_local_worker` as its initializer
+and :func:`run_local_job` per user; a Ray actor holds a :class:`WorkerContext`. Workers return the
+adapter to the driver instead of writing it, so a cluster needs no shared disk and the store has a
+single writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prisp.adapters import LoraWeights
+from prisp.data.lamp import ProfileItem
+from prisp.errors import PrispError
+from prisp.personalize import PersonalizeConfig, personalize
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start (pickled once per worker, not once per user).
+
+    Attributes:
+        model_name: the base model as the user named it.
+        model_source: where to load it from on this machine (resolved by the driver), or None.
+        anchor: the anchor LoRA, shipped as data so remote workers need not see the driver's disk.
+        task: LaMP task.
+        labels: the task's label set.
+        threads: torch intra-op threads for this worker.
+    """
+
+    model_name: str
+    model_source: str | None
+    anchor: LoraWeights
+    task: str
+    labels: tuple[str, ...]
+    threads: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One user's work order: history and the fully resolved options (seed included)."""
+
+    user_id: str
+    items: tuple[ProfileItem, ...]
+    config: PersonalizeConfig
+    attempt: int = 1
+
+
+@dataclass
+class UserOutcome:
+    """What a worker sends back for one user.
+
+    Attributes:
+        weights: the folded adapter (None on failure).
+        report: ``PersonalizeResult.report()`` plus worker facts (pid, threads, job wall time).
+        error: one line, or None on success.
+        permanent: the error is in the user's data or options, so retrying cannot help.
+        fatal: the worker itself could not start (model or anchor unusable): the whole run stops.
+    """
+
+    user_id: str
+    weights: LoraWeights | None = None
+    report: dict = field(default_factory=dict)
+    error: str | None = None
+    permanent: bool = False
+    fatal: bool = False
+    worker: str = ""
+    seconds: float = 0.0
+    worker_peak_rss_mb: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch to ``threads`` intra-op threads (and one inter-op thread: workers are the parallelism)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already fixed once parallel work ran in this process; intra-op is what matters
+
+
+class WorkerContext:
+    """A worker's loaded state: base model, tokenizer, anchor."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from prisp.models import load_model
+
+        set_threads(spec.threads)
+        source = spec.model_source if spec.model_source and Path(spec.model_source).is_dir() else spec.model_name
+        loaded = load_model(source)
+        spec.anchor.check_fits(loaded.model)
+        self.spec = spec
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    def run(self, job: Assignment) -> UserOutcome:
+        """Personalize one user; never raises (errors come back in the outcome)."""
+        start = time.perf_counter()
+        outcome = UserOutcome(job.user_id, worker=self.name)
+        try:
+            result = personalize(self.model, self.tokenizer, self.spec.anchor, self.spec.task, job.items,
+                                 job.config, self.spec.labels)
+            outcome.weights = result.weights
+            outcome.report = result.report()
+            del result  # the trained model copy: free it before the next user
+        except PrispError as exc:
+            outcome.error, outcome.permanent = str(exc), True
+        except Exception as exc:  # noqa: BLE001 - a worker must report, not die, so the others continue
+            last = traceback.extract_tb(exc.__traceback__)[-1:]
+            where = f" at {Path(last[0].filename).name}:{last[0].lineno}" if last else ""
+            outcome.error = f"{type(exc).__name__}: {exc}{where}"
+        outcome.seconds = time.perf_counter() - start
+        outcome.worker_peak_rss_mb = _process_peak_rss_mb()
+        return outcome
+
+
+def _process_peak_rss_mb() -> float | None:
+    """Lifetime high-water mark of this worker's resident memory (model load included)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def quiet_worker() -> None:
+    """Settings for a dedicated worker process (never called in the driver: they are process-wide).
+
+    Per-user warnings would drown the driver's progress bar, and tokenizer threads would
+    oversubscribe the cores the worker plan just divided up.
+    """
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # e.g. "examples were cut to max_length": the count is in each user's report already.
+    logging.getLogger("prisp").setLevel(logging.ERROR)
+
+
+# The local pool's per-process state; a module global because ProcessPoolExecutor initializers
+# cannot hand objects to the tasks any other way.
+_CONTEXT: WorkerContext | None = None
+_START_ERROR: str | None = None
+
+
+def start_error(exc: BaseException) -> str:
+    """One line for a worker that could not load its model or anchor."""
+    return str(exc) if isinstance(exc, PrispError) else f"{type(exc).__name__}: {exc}"
+
+
+def init_local_worker(spec: WorkerSpec) -> None:
+    """Pool initializer: load the base model and anchor once for this process.
+
+    A failure is kept and reported with the first task rather than raised: an initializer that
+    raises only breaks the pool, and the driver would see "process terminated abruptly".
+    """
+    global _CONTEXT, _START_ERROR
+    quiet_worker()
+    try:
+        _CONTEXT = WorkerContext(spec)
+    except Exception as exc:  # noqa: BLE001 - reported as a fatal outcome instead
+        _START_ERROR = start_error(exc)
+
+
+def run_local_job(job: Assignment) -> UserOutcome:
+    """Pool task: one user on this process's loaded context."""
+    if _CONTEXT is None:
+        return UserOutcome(job.user_id, error=f"worker could not start: {_START_ERROR}", fatal=True)
+    return _CONTEXT.run(job)
