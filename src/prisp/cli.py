@@ -325,14 +325,15 @@ def demo(
     data: Path = typer.Option(SAMPLE_DIR, help="Data directory [default: the packaged sample]."),
     split: str = typer.Option("dev", help="Split."),
     tasks: str = typer.Option("LaMP-1,LaMP-2,LaMP-2N,LaMP-3,LaMP-4,LaMP-5,LaMP-7", help="Comma-separated tasks."),
+    personalize: str = typer.Option("LaMP-4", help="Task to run the full PRISP pipeline on ('' to skip)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ) -> None:
-    """The main job on the embedded defaults: NP vs RAG predictions and metrics on the packaged sample."""
+    """The main job on the embedded defaults: NP vs RAG vs PRISP predictions and metrics on the packaged sample."""
     from prisp.demo import run_demo
 
     quiet_transformers()
     set_threads(threads)
-    run_demo(model, data, split, [t.strip() for t in tasks.split(",") if t.strip()])
+    run_demo(model, data, split, [t.strip() for t in tasks.split(",") if t.strip()], personalize or None)
 
 
 app.command("bench")(friendly(bench_command))

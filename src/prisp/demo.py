@@ -18,8 +18,13 @@ from prisp.predict import PredictConfig, predict_split
 METHODS = ("np", "rag")
 
 
-def run_demo(model_name: str, data: Path, split: str, tasks: Sequence[str]) -> list[dict]:
-    """Predict every task of ``data``/``split`` with NP and RAG, print metrics and a few answers."""
+def run_demo(model_name: str, data: Path, split: str, tasks: Sequence[str],
+             personalize_task: str | None = "LaMP-4") -> list[dict]:
+    """Predict every task of ``data``/``split`` with NP and RAG, print metrics and a few answers.
+
+    With ``personalize_task``, also run the whole PRISP pipeline on that task: an anchor generated from
+    the task's description by the shipped hypernetwork, then one bridge-personalized adapter per user.
+    """
     console = Console(stderr=False)
     console.print(f"[bold]prisp demo[/]: model {model_name}, data {data} ({split})")
     start = time.perf_counter()
@@ -41,7 +46,32 @@ def run_demo(model_name: str, data: Path, split: str, tasks: Sequence[str]) -> l
                           f"{run.generation.seconds:.1f} s)")
     console.print(_table(rows))
     console.print(_examples(examples))
+    if personalize_task:
+        rows.append(_prisp_row(console, loaded, model_name, data, split, personalize_task))
     return rows
+
+
+def _prisp_row(console: Console, loaded, model_name: str, data: Path, split: str, task: str) -> dict:
+    """Stage 1 + Stage 2 on one task: hypernetwork anchor from text, then PRISP per user."""
+    from prisp.bench.anchors import TASK_DESCRIPTIONS
+    from prisp.hypernet.anchor import Anchorer
+    from prisp.personalize import PersonalizeConfig
+    from prisp.personalize.per_user import predict_personalized
+
+    split_data = load_task_split(data, task, split)
+    anchor = Anchorer.load(model_name=model_name, base=loaded.model, tokenizer=loaded.tokenizer)
+    generated = anchor.generate(TASK_DESCRIPTIONS[get_task(task).name])
+    console.print(f"PRISP on {task}: anchor generated from its description in {generated.total_ms:.0f} ms; "
+                  f"personalizing {len(split_data.users)} users (A frozen, B and C trained, one epoch) ...")
+    result = predict_personalized(loaded.model, loaded.tokenizer, model_name, split_data, generated.weights,
+                                  PersonalizeConfig(progress=False), PredictConfig(), cache_dir=None)
+    metrics = evaluate(task, [q.gold for q in split_data.queries], result.run.outputs,
+                       label_set(task, split_data.inputs))
+    seconds = sum(u.seconds for u in result.users) / len(result.users)
+    console.print(f"  {task} prisp: {_fmt(metrics)} ({seconds:.1f} s of training per user, "
+                  f"{result.users[0].trainable_params:,} trainable parameters)")
+    return {"task": get_task(task).name, "method": "prisp", "metrics": metrics, "score": task_score(task, metrics),
+            "seconds": result.run.generation.seconds, "queries": len(result.run.ids)}
 
 
 def _fmt(metrics: dict[str, float]) -> str:
