@@ -59,7 +59,7 @@ def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_na
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -70,7 +70,7 @@ def _replaceable(out: Path) -> bool:
     return out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_NAME).is_file())
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and restored on failure."""
     if not out.exists():
         os.replace(tmp, out)

@@ -6,34 +6,17 @@ into one line on stderr and exit code 2, so registering them needs no wrapper.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from prisp.errors import PrispError
-
-EXIT_USER_ERROR = 2
+from prisp.console import friendly
 
 export_app = typer.Typer(help="Export personalized adapters for serving stacks.", no_args_is_help=True)
 
 
-def _one_line_errors(command: Callable) -> Callable:
-    """A :class:`PrispError` becomes ``prisp: error: ...`` on stderr and exit code 2 (no stack trace)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except PrispError as exc:
-            typer.echo(f"prisp: error: {exc}", err=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-
-    return wrapper
-
-
-@_one_line_errors
+@friendly
 def personalize_batch_command(
     task: str = typer.Option(..., help="LaMP task, e.g. LaMP-4."),
     anchor: Path = typer.Option(..., help="Anchor LoRA directory (peft) every user starts from."),
@@ -88,7 +71,7 @@ def personalize_batch_command(
 
 
 @export_app.command("vllm")
-@_one_line_errors
+@friendly
 def export_vllm_command(
     store: Path = typer.Option(..., help="Adapter store written by personalize-batch."),
     out: Path = typer.Option(..., help="Export directory (one adapter per user; a LoRA resolver directory)."),

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prisp.adapters.io import swap_into_place
 from prisp.errors import AdapterError
 from prisp.hypernet.encoders import ENCODER_NAMES
 from prisp.hypernet.model import HyperNet, HyperNetConfig
@@ -90,25 +91,10 @@ def save_checkpoint(checkpoint: HyperNetCheckpoint, out_dir: str | os.PathLike) 
         for file in (tmp / WEIGHTS_FILE, tmp / META_FILE):
             file.chmod(0o644)
         tmp.chmod(0o755)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
