@@ -116,8 +116,7 @@ def _predict_personalized(loaded, model_name, split_data, anchor, strategy, conf
 
     anchor_weights = load_adapter(anchor)
     anchor_weights.check_fits(loaded.model)
-    wanted = {q.id for q in split_data.queries[: config.limit or len(split_data.queries)]}
-    users = sum(1 for queries in split_data.users.values() if any(q.id in wanted for q in queries))
+    users = len(split_data.users_asking(config.limit))
     with tqdm(total=users, desc=f"{split_data.task} {strategy} users", unit="user", file=sys.stderr) as bar:
         result = predict_personalized(loaded.model, loaded.tokenizer, model_name, split_data, anchor_weights,
                                       PersonalizeConfig(strategy=strategy, progress=False), config,

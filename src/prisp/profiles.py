@@ -253,11 +253,8 @@ def split_profiles(
     on_user: Callable[[UserProfile], None] | None = None,
 ) -> dict[str, UserProfile]:
     """Profiles of every user who asks one of the first ``limit`` queries of ``split``, keyed by user."""
-    wanted = {q.id for q in split.queries[:limit]} if limit else None
     profiles: dict[str, UserProfile] = {}
-    for user, queries in split.users.items():
-        if wanted is not None and not any(q.id in wanted for q in queries):
-            continue
+    for user, queries in split.users_asking(limit).items():
         if not queries[0].profile:  # nothing to summarise: the prompt simply gets no profile
             profiles[user] = UserProfile(user, "", "", [], 0.0, cached=False)
             continue

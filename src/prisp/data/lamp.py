@@ -64,6 +64,13 @@ class LampSplit:
     def inputs(self) -> list[str]:
         return [q.input for q in self.queries]
 
+    def users_asking(self, limit: int | None = None) -> dict[str, list[Query]]:
+        """Each user's queries among the first ``limit`` of the split (all when None); users with none left out."""
+        wanted = {q.id for q in self.queries[:limit]} if limit else None
+        asked = {user: [q for q in queries if wanted is None or q.id in wanted]
+                 for user, queries in self.users.items()}
+        return {user: queries for user, queries in asked.items() if queries}
+
 
 def group_by_user(queries: list[Query]) -> dict[str, list[Query]]:
     """Group queries whose profiles are identical (LaMP gives one profile per user), keyed by first query id."""

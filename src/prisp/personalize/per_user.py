@@ -58,14 +58,11 @@ def predict_personalized(base, tokenizer, model_name: str, split: LampSplit, anc
                          on_user: Callable[[str], None] | None = None) -> PersonalizedRun:
     """Answer ``split`` user by user, each with their own personalized adapter."""
     labels = label_set(split.task, split.inputs)
-    limit = predict_config.limit or len(split.queries)
-    wanted = {q.id for q in split.queries[:limit]}
+    asking = split.users_asking(predict_config.limit)
+    wanted = {q.id for queries in asking.values() for q in queries}
     outputs: dict[str, PredictionRun] = {}
     costs: list[UserCost] = []
-    for user, queries in split.users.items():
-        queries = [q for q in queries if q.id in wanted]
-        if not queries:
-            continue
+    for user, queries in asking.items():
         model, cost = _user_model(base, tokenizer, model_name, split.task, user, queries[0].profile, anchor,
                                   config, labels, cache_dir)
         costs.append(cost)
