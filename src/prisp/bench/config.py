@@ -163,15 +163,16 @@ QUICK = BenchConfig(
     data_size_tasks=("LaMP-2N",),
     data_size_users=1,
 )
-# Sized for the default model on 2 CPU cores, a few hours (estimate in bench/standard.md).
+# Sized for the default model on 2 CPU cores from measured costs (bench/standard.md): one LaMP-1 sharer
+# alone trains for ~3 min on one thread, so a pool of 8 from 200 candidates cost ~30 min per task.
 STANDARD = BenchConfig(
     tasks=("LaMP-1", "LaMP-2N", "LaMP-4", "LaMP-5"),
-    users=8,
+    users=4,
     profile="standard",
-    sharer=SharerConfig(pool_size=8, candidates=200),
+    sharer=SharerConfig(pool_size=3, candidates=60),
     data_sizes=(1, 5, 10, 30, 50),
     data_size_tasks=("LaMP-2N",),
-    data_size_users=4,
+    data_size_users=2,
 )
 # The paper's protocol (100 target users, six tasks, Qwen3-0.6B); meant for a GPU.
 PAPER = BenchConfig(
