@@ -38,6 +38,21 @@ PROBE_NOTES = """\
 """
 
 
+# How the shipped run actually went (from its train.log); the code paths named here were changed afterwards.
+RUN_HISTORY = """\
+History of this run, from `train.log`: steps 1-58 ran first with the same options but `--save-every 25` and no
+`--resume`/`--steps-limit` (planned: the full epoch); that process ended at step 58 with the session that started it,
+leaving the step-50 checkpoint. It was resumed from step 50 with `--steps-limit 190` (shipped as an interim
+checkpoint: held-out loss 2.2719, ROUGE-L probe 0.1512) and from step 190 with the command above, to step 315 =
+one full epoch (every one of the 2,515 training examples seen once). Two properties of the resume path of that time
+shaped it: each resume restarted AdamW's moments and the warm-up/decay, and `--steps-limit` cut the epoch's
+remaining examples *by position* (SNI is ordered by task), so steps 51-190 saw mostly the tasks at the front of the
+file and steps 191-315 the rest. Both were fixed afterwards (resume is now exact: AdamW state, RNG and one schedule
+over the run are checkpointed; `--steps-limit` stops after the first N steps of the shuffled run), so a fresh run
+with today's code is a properly shuffled epoch and will not reproduce this checkpoint bit for bit.
+"""
+
+
 def train(out: str, data: str, resume: bool) -> int:
     cmd = [sys.executable, "-m", "prisp.hypernet.cli", "train", "--out", out, "--data", data, *TRAIN_ARGS]
     if resume:
@@ -57,10 +72,17 @@ def _anchor_timing(ckpt_dir: Path) -> dict:
     load_s = time.perf_counter() - started
     text = "Given a product review, classify its sentiment as positive or negative."
     first = anchorer.generate(text).total_ms
-    runs = [anchorer.generate(text) for _ in range(20)]
-    return {"loadavg": os.getloadavg()[0], "load_s": load_s, "first_ms": first, "median_ms": statistics.median(r.total_ms for r in runs),
+    runs, cpu_ms = [], []
+    for _ in range(20):
+        # CPU time beside wall time: on shared cores the wall clock also counts waiting for a core.
+        cpu_start = time.process_time()
+        runs.append(anchorer.generate(text))
+        cpu_ms.append((time.process_time() - cpu_start) * 1e3)
+    return {"loadavg": os.getloadavg()[0], "load_s": load_s, "first_ms": first,
+            "median_ms": statistics.median(r.total_ms for r in runs),
             "encode_ms": statistics.median(r.encode_ms for r in runs),
-            "hypernet_ms": statistics.median(r.hypernet_ms for r in runs)}
+            "hypernet_ms": statistics.median(r.hypernet_ms for r in runs),
+            "cpu_ms": statistics.median(cpu_ms)}
 
 
 def _loss_windows(losses: list[float], width: int = 25) -> list[tuple[int, float]]:
@@ -94,6 +116,7 @@ def report(run: Path, ship: bool) -> None:
         "",
         f"    {meta['training_command']}",
         "",
+        RUN_HISTORY,
         (f"- data: `tasks.jsonl` sha256 `{meta['data_sha256']}` ({meta['data_tasks']['train']} training tasks, "
          f"{meta['data_tasks']['heldout']} held-out tasks)"),
         (f"- hypernetwork: {meta['num_parameters']:,} parameters; checkpoint `hypernet.safetensors` {size_mb:.1f} MB "
@@ -131,9 +154,10 @@ def report(run: Path, ship: bool) -> None:
         "",
         (f"Loading the hypernet + MiniLM encoder: {timing['load_s']:.1f} s. Generation after loading: median "
          f"{timing['median_ms']:.1f} ms over 20 calls (encode {timing['encode_ms']:.1f} ms + hypernet forward "
-         f"{timing['hypernet_ms']:.1f} ms); the first call took {timing['first_ms']:.1f} ms. Measured with the "
-         f"machine's 1-minute load average at {timing['loadavg']:.1f} on 2 cores (other work running), so this "
-         "process got well under a full core."),
+         f"{timing['hypernet_ms']:.1f} ms); the first call took {timing['first_ms']:.1f} ms; CPU time per call "
+         f"(median) {timing['cpu_ms']:.1f} ms. Measured with the machine's 1-minute load average at "
+         f"{timing['loadavg']:.1f} on 2 cores" + (" (other work running, so the wall times include waiting for a "
+         "core)." if timing["loadavg"] > 1.2 else ".")),
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
