@@ -478,7 +478,8 @@ def train(
         model.train()
         with monitor, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             _seed_rng(config, state, device)  # dropout masks
-            # The seeded order is replayed in full, so a resumed call sees the batches it skipped would have.
+            # The seeded order is regenerated from its start and the first `first` batches skipped: a resumed
+            # call takes exactly the batches the interrupted one would have taken next.
             for batch in itertools.islice(_batches(fitted, config), first, last):
                 result.lrs.append(optimizer.param_groups[0]["lr"])
                 loss = _step(model, params, batch, optimizer, config, loss_fn or causal_lm_loss, pad_id)
