@@ -181,11 +181,12 @@ def _verdict(base: dict, final: dict | None) -> str:
 
 
 def _ship(ckpt: Path) -> None:
-    """Copy the checkpoint into the package, without the resume state (the run's JSON keeps it)."""
+    """Copy the checkpoint into the package, without the resume state (the run's JSON and train_state file keep it)."""
     SHIP_DIR.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ckpt / "hypernet.safetensors", SHIP_DIR / "hypernet.safetensors")
     meta = json.loads((ckpt / "hypernet.json").read_text())
     state = meta.pop("state")
+    meta.pop("train_state", None)  # scalars of train_state.safetensors, which is not shipped
     meta["training"] = {k: state[k] for k in ("epoch", "step", "seconds", "history", "base_metrics", "done")}
     (SHIP_DIR / "hypernet.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     print(f"shipped {SHIP_DIR}")

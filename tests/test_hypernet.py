@@ -230,6 +230,94 @@ def test_resume_continues_from_the_saved_step(tiny_llama, tiny_tokenizer, sni, t
                        model_name="tiny", resume=True)
 
 
+class Interrupted(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+def _interrupt_after_checkpoint(monkeypatch, step):
+    from prisp.hypernet import recipe
+
+    real = recipe.save_checkpoint
+
+    def save(checkpoint, out_dir):
+        path = real(checkpoint, out_dir)
+        if checkpoint.meta["state"]["step"] == step:
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(recipe, "save_checkpoint", save)
+
+
+def _step_losses(out):
+    return [(r["step"], r["epoch"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+@pytest.mark.parametrize("mode,stop", [("sft", 2), ("sft", 3), ("sft", 5), ("recon", 4)])
+def test_interrupted_run_resumed_from_checkpoint_equals_uninterrupted_run(tiny_tokenizer, sni, tmp_path,
+                                                                          monkeypatch, mode, stop):
+    # 12 examples / batch 4 x 2 epochs = 6 steps (recon: 3 tasks x 4 descriptions, the same); stop
+    # mid-epoch, at the epoch boundary (before its evaluation) and in the second epoch. Dropout is on
+    # (LoRA 0.05), warm-up and weight decay too, so moments, schedule and RNG must all carry over.
+    options = {"mode": mode, "save_every": 1, "eval_instances": 0, "warmup_ratio": 0.3, "recon_tasks": 3,
+               "recon_epochs": 1}
+    full = _run(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, sni, tmp_path / "full", **options)
+    assert full.state.step == 6 and full.state.done
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        _interrupt_after_checkpoint(patch, stop)
+        with pytest.raises(Interrupted):
+            _run(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, sni, out, **options)
+    saved = load_checkpoint(out / "checkpoint", with_train_state=True)
+    assert saved.meta["state"]["step"] == stop and saved.train_state is not None
+    assert all(int(m["step"]) == stop for m in saved.train_state.optimizer)  # AdamW's count, per parameter
+    resumed = train_hypernet(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, sni, FakeEncoder(), out,
+                             _config(**options), model_name="tiny", command="pytest", resume=True)
+
+    assert resumed.state.step == 6 and resumed.state.epoch == 2
+    assert _step_losses(out) == _step_losses(tmp_path / "full")  # every step's loss, to 5 decimals
+    final, expected = resumed.checkpoint.hypernet.state_dict(), full.checkpoint.hypernet.state_dict()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)  # bit-identical weights
+    ours = load_checkpoint(out, with_train_state=True).train_state
+    theirs = load_checkpoint(tmp_path / "full", with_train_state=True).train_state
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ours.optimizer, theirs.optimizer) for k in b)
+    assert [h["heldout_loss"] for h in resumed.state.history] == [h["heldout_loss"] for h in full.state.history]
+
+
+def test_old_checkpoint_without_optimiser_state_still_resumes(tiny_llama, tiny_tokenizer, sni, tmp_path,
+                                                               monkeypatch, caplog):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _interrupt_after_checkpoint(patch, 2)
+        with pytest.raises(Interrupted):
+            _run(tiny_llama, tiny_tokenizer, sni, out, save_every=1, eval_instances=0)
+    # Rewrite it as an older prisp wrote it: no loop state, no call_start in the run state.
+    (out / "checkpoint" / "train_state.safetensors").unlink()
+    meta_file = out / "checkpoint" / "hypernet.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["train_state"], meta["state"]["call_start"]
+    meta_file.write_text(json.dumps(meta))
+    assert load_checkpoint(out, with_train_state=True).train_state is None
+    with caplog.at_level("WARNING", logger="prisp.hypernet.recipe"):
+        resumed = train_hypernet(tiny_llama, tiny_tokenizer, sni, FakeEncoder(), out,
+                                 _config(save_every=1, eval_instances=0), model_name="tiny", resume=True)
+    assert "moments restart" in caplog.text
+    assert resumed.state.step == 6 and resumed.state.epoch == 2  # the epoch's 4 remaining examples, then epoch 1
+    assert [s for s, _, _ in _step_losses(out)] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(out, with_train_state=True).train_state is not None  # saved from then on
+
+
+def test_shipped_checkpoint_loads_without_training_state():
+    from prisp.hypernet.checkpoint import shipped_checkpoint
+
+    path = shipped_checkpoint("smollm2-135m")
+    assert path is not None and not (path / "train_state.safetensors").exists()
+    for with_state in (False, True):
+        loaded = load_checkpoint(path, with_train_state=with_state)
+        assert loaded.train_state is None and loaded.base_model == "smollm2-135m"
+
+
 def test_sni_data_validation_checksum_and_description_draws(tmp_path):
     path = _write_sni(tmp_path / "tasks.jsonl")
     data = load_sni(path)

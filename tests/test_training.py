@@ -15,6 +15,7 @@ from prisp.training import (
     Example,
     TokenizedExample,
     TrainConfig,
+    TrainState,
     causal_lm_loss,
     collate,
     fit_example,
@@ -79,7 +80,8 @@ QUIET = {"progress": False}
 @pytest.mark.parametrize(
     "option,value",
     [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),
-     ("warmup_ratio", 1.0), ("max_grad_norm", 0.0), ("max_length", 1), ("micro_batch_size", 0)],
+     ("warmup_ratio", 1.0), ("max_grad_norm", 0.0), ("max_length", 1), ("micro_batch_size", 0),
+     ("schedule_steps", 0), ("schedule_start", -1), ("max_steps", 0)],
 )
 def test_config_validation_names_the_option(option, value):
     with pytest.raises(ValueError, match=option):
@@ -244,3 +246,74 @@ def test_train_rejects_bad_inputs():
         train(model, params, [], TrainConfig(**QUIET))
     with pytest.raises(ValueError, match="twice"):
         train(model, params + params[:1], random_examples(2), TrainConfig(**QUIET))
+
+
+def dropout_loss(model, batch):
+    """Causal-LM loss through a dropout layer, so the result depends on the loop's RNG stream."""
+    logits = F.dropout(model(**batch).logits, p=0.2, training=True)
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def frozen_copy(state: TrainState) -> TrainState:
+    """What a checkpoint keeps: copies of the live tensors handed to ``on_step``."""
+    return TrainState(step=state.step, optimizer=[{k: v.clone() for k, v in m.items()} for m in state.optimizer],
+                      rng=state.rng.clone())
+
+
+def test_interrupted_call_resumes_exactly():
+    config = TrainConfig(epochs=2, batch_size=3, lr=1e-2, warmup_ratio=0.2, weight_decay=0.01, seed=4, **QUIET)
+    data = random_examples(10)  # 4 batches per epoch, the last short
+    full_model = tiny_model()
+    full_params = trainable(full_model)
+    full = train(full_model, full_params, data, config, loss_fn=dropout_loss)
+
+    saved = []
+    first_model = tiny_model()
+    first_params = trainable(first_model)
+    first = train(first_model, first_params, data, TrainConfig(**{**config.__dict__, "max_steps": 5}),
+                  loss_fn=dropout_loss, on_step=lambda state, loss: saved.append(frozen_copy(state)))
+    assert first.steps == 5 and [s.step for s in saved] == [1, 2, 3, 4, 5]
+    assert first.losses == full.losses[:5] and first.lrs == full.lrs[:5]  # max_steps keeps the schedule
+
+    resumed_model = tiny_model()
+    resumed_params = trainable(resumed_model)
+    with torch.no_grad():
+        for mine, theirs in zip(resumed_params, first_params, strict=True):
+            mine.copy_(theirs)  # what a checkpoint's weights restore
+    rest = train(resumed_model, resumed_params, data, config, loss_fn=dropout_loss, state=saved[-1])
+    assert rest.steps == full.steps - 5
+    assert rest.losses == full.losses[5:] and rest.lrs == full.lrs[5:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed_params, full_params, strict=True))
+
+    # Each piece matters: without the moments, or without the RNG, the run diverges.
+    for partial in (TrainState(step=5, rng=saved[-1].rng), TrainState(step=5, optimizer=saved[-1].optimizer)):
+        other_model = tiny_model()
+        other_params = trainable(other_model)
+        with torch.no_grad():
+            for mine, theirs in zip(other_params, first_params, strict=True):
+                mine.copy_(theirs)
+        train(other_model, other_params, data, config, loss_fn=dropout_loss, state=partial)
+        assert not all(torch.equal(a, b) for a, b in zip(other_params, full_params, strict=True))
+    assert torch.equal(saved[-1].optimizer[0]["exp_avg"], frozen_copy(saved[-1]).optimizer[0]["exp_avg"])
+
+
+def test_one_schedule_over_several_calls():
+    data = random_examples(8)
+    one = train(tiny_model(), trainable(tiny_model()), data,
+                TrainConfig(epochs=2, batch_size=2, lr=1e-3, warmup_ratio=0.25, **QUIET)).lrs
+    model = tiny_model()
+    params = trainable(model)
+    kept = []
+    lrs = []
+    for call in range(2):
+        config = TrainConfig(batch_size=2, lr=1e-3, warmup_ratio=0.25, schedule_steps=8, schedule_start=4 * call,
+                             **QUIET)
+        state = TrainState(optimizer=kept[-1].optimizer) if kept else None
+        lrs += train(model, params, data, config, state=state, on_step=lambda s, loss: kept.append(s)).lrs
+    assert lrs == one  # one warm-up, one decay, across the two calls
+    assert int(kept[-1].optimizer[0]["step"]) == 8  # AdamW's step count carried across calls
+    with pytest.raises(ValueError, match="moments for 1 parameters"):
+        train(model, params, data, TrainConfig(**QUIET), state=TrainState(optimizer=kept[-1].optimizer[:1]))
+    with pytest.raises(ValueError, match="at step 9"):
+        train(model, params, data, TrainConfig(batch_size=2, **QUIET), state=TrainState(step=9))

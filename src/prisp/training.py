@@ -2,10 +2,17 @@
 
 Sharing the loop keeps comparisons fair: same batching, optimiser, schedule, clipping and
 the same bookkeeping of wall time and peak memory.
+
+A run may span several calls (the hypernetwork trains one call per epoch) and may be interrupted:
+``TrainConfig.schedule_steps``/``schedule_start`` place a call inside one longer LR schedule, and
+:class:`TrainState` (handed to ``on_step`` after every step, accepted back as ``state=``) carries
+AdamW's moments, the position in the seeded batch order and the dropout RNG, so a resumed call
+continues exactly where the interrupted one stopped. Without them a call is self-contained, as before.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
@@ -33,13 +40,19 @@ class TrainConfig:
         batch_size: Examples per optimiser step.
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of the steps spent warming up linearly; then linear decay.
+        warmup_ratio: Fraction of the schedule's steps spent warming up linearly; then linear decay.
         max_grad_norm: Gradient-norm clip; None disables clipping.
         seed: Seeds the shuffling and dropout (the caller's RNG state is restored after).
         max_length: Longest sequence in tokens; longer examples lose the left of their prompt.
         progress: Show a tqdm progress bar.
         micro_batch_size: Split each batch into chunks this big to bound memory; gradients
             are accumulated so the update equals the full batch's. None: no split.
+        schedule_steps: Length of the LR schedule (warm-up + decay) in optimiser steps, when
+            this call is part of a longer run trained over several calls. None: this call's steps.
+        schedule_start: Steps of that schedule done before this call (by earlier calls); the
+            call's first step uses the schedule's LR at this position.
+        max_steps: Stop this call after this many steps (counting steps a resumed ``state`` had
+            done); the schedule still spans all of them. None: go through every batch.
     """
 
     epochs: int = 1
@@ -52,6 +65,9 @@ class TrainConfig:
     max_length: int = 512
     progress: bool = True
     micro_batch_size: int | None = None
+    schedule_steps: int | None = None
+    schedule_start: int = 0
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -65,6 +81,10 @@ class TrainConfig:
             "max_length": isinstance(self.max_length, int) and self.max_length >= 2,
             "micro_batch_size": self.micro_batch_size is None
             or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
+            "schedule_steps": self.schedule_steps is None
+            or (isinstance(self.schedule_steps, int) and self.schedule_steps >= 1),
+            "schedule_start": isinstance(self.schedule_start, int) and self.schedule_start >= 0,
+            "max_steps": self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
         }
         for option, ok in checks.items():
             if not ok:
@@ -225,6 +245,35 @@ class TrainResult:
         return asdict(self)
 
 
+@dataclass
+class TrainState:
+    """A point a :func:`train` call can be continued from exactly (``train(..., state=...)``).
+
+    ``on_step`` receives one after every optimiser step. Its tensors are the live ones of the
+    running optimiser and RNG snapshots: serialize them inside the callback (the loop mutates
+    the moments in place at the next step). ``train`` clones what it is given.
+
+    Attributes:
+        step: Optimiser steps of this call done; a resumed call replays the seeded shuffle
+            and skips this many batches, and its LR schedule continues at this position.
+        optimizer: AdamW state per trained parameter, in the order of ``params``
+            (``step``, ``exp_avg``, ``exp_avg_sq`` tensors; empty before the first step).
+            None: AdamW starts fresh.
+        rng: CPU RNG state after ``step`` (dropout masks); None seeds it from ``config.seed``
+            (a fresh pass: give ``TrainState(optimizer=...)`` to carry only the moments into
+            the next call of a multi-call run).
+        cuda_rng: The same for the CUDA device the parameters live on, or None.
+    """
+
+    step: int = 0
+    optimizer: list[dict[str, Tensor]] | None = None
+    rng: Tensor | None = None
+    cuda_rng: Tensor | None = None
+
+
+StepCallback = Callable[[TrainState, float], None]  # (state after the step, the step's loss)
+
+
 def _current_rss_mb() -> float | None:
     """Resident set size now, from /proc (Linux); None where unavailable."""
     try:
@@ -324,6 +373,43 @@ def _batches(fitted: list[TokenizedExample], config: TrainConfig) -> Iterator[li
             yield [fitted[i] for i in order[first : first + config.batch_size]]
 
 
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, state: TrainState | None):
+    """AdamW over ``params``, with the moments of ``state`` when it has them (hyper-parameters: ``config``)."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if state is None or state.optimizer is None:
+        return optimizer
+    if len(state.optimizer) != len(params):
+        raise ValueError(f"train() state has optimiser moments for {len(state.optimizer)} parameters, "
+                         f"not {len(params)}")
+    for index, (moments, param) in enumerate(zip(state.optimizer, params)):
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in moments and moments[name].shape != param.shape:
+                raise ValueError(f"train() state: {name} of parameter {index} has shape "
+                                 f"{tuple(moments[name].shape)}, the parameter {tuple(param.shape)}")
+    # Clones: load_state_dict keeps same-device tensors as they are, and the caller's state must not move.
+    saved = {i: {k: v.clone() for k, v in m.items()} for i, m in enumerate(state.optimizer) if m}
+    # This optimiser's own param groups: config, not the saved run, sets lr and weight decay.
+    optimizer.load_state_dict({"state": saved, "param_groups": optimizer.state_dict()["param_groups"]})
+    return optimizer
+
+
+def _snapshot(step: int, optimizer, params: list[nn.Parameter], device: torch.device) -> TrainState:
+    """The state after ``step`` optimiser steps of this call (live optimiser tensors, RNG copies)."""
+    cuda = device.type == "cuda"
+    return TrainState(step=step, optimizer=[dict(optimizer.state[p]) for p in params], rng=torch.get_rng_state(),
+                      cuda_rng=torch.cuda.get_rng_state(device) if cuda else None)
+
+
+def _seed_rng(config: TrainConfig, state: TrainState | None, device: torch.device) -> None:
+    """Dropout RNG: a resumed call continues the saved stream, a fresh pass is seeded."""
+    if state is None or state.rng is None:
+        torch.manual_seed(config.seed)
+        return
+    torch.set_rng_state(state.rng)
+    if device.type == "cuda" and state.cuda_rng is not None:
+        torch.cuda.set_rng_state(state.cuda_rng, device)
+
+
 def train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -332,12 +418,19 @@ def train(
     *,
     loss_fn: LossFn | None = None,
     pad_id: int = 0,
+    state: TrainState | None = None,
+    on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Train exactly ``params`` of ``model`` on ``examples``.
 
     AdamW, linear warm-up then linear decay, gradient clipping, seeded shuffling and dropout
     (the caller's RNG state is restored afterwards). The model is in train mode during the
     loop and every submodule gets its previous mode back after.
+
+    Exact resume: a call given the ``state`` that ``on_step`` saw after step k of an earlier
+    call with the same ``examples`` and ``config`` takes the same steps k+1, k+2, ... with the
+    same batches, learning rates, AdamW moments and dropout masks (hence the same parameters)
+    as the uninterrupted call would have.
 
     Args:
         model: Any module whose forward takes the collated batch (e.g. a peft model).
@@ -348,18 +441,27 @@ def train(
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean over the batch's answer tokens;
             defaults to the model's causal-LM loss.
         pad_id: Token id used for right padding (masked out, so any valid id works).
+        state: Where to continue from (see :class:`TrainState`); None: a fresh call.
+        on_step: ``on_step(state, loss)`` after every optimiser step, e.g. to checkpoint.
 
     Returns:
-        Losses, learning rates, time and memory of the run.
+        Losses, learning rates, time and memory of the steps this call took.
     """
     _check_params(params)
     if not examples:
         raise ValueError("train() needs at least one example")
     fitted = [fit_example(e, config.max_length) for e in examples]
     device = params[0].device
-    total_steps = math.ceil(len(fitted) / config.batch_size) * config.epochs
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = LambdaLR(optimizer, warmup_then_decay(total_steps, round(config.warmup_ratio * total_steps)))
+    call_steps = math.ceil(len(fitted) / config.batch_size) * config.epochs
+    first = state.step if state is not None else 0
+    if not 0 <= first <= call_steps:
+        raise ValueError(f"train() state is at step {first} but this call has {call_steps} steps")
+    last = call_steps if config.max_steps is None else max(first, min(call_steps, config.max_steps))
+    optimizer = _make_optimizer(params, config, state)
+    total_steps = config.schedule_steps or call_steps
+    factor = warmup_then_decay(total_steps, round(config.warmup_ratio * total_steps))
+    offset = config.schedule_start + first  # schedule position of this call's first step
+    scheduler = LambdaLR(optimizer, lambda step: factor(offset + step))
     result = TrainResult(
         steps=0,
         epochs=config.epochs,
@@ -370,18 +472,22 @@ def train(
     )
     modes = {module: module.training for module in model.modules()}
     monitor = _MemoryMonitor(device)
-    bar = tqdm(total=total_steps, disable=not config.progress, desc="train", leave=False)
+    bar = tqdm(total=last - first, disable=not config.progress, desc="train", leave=False)
     start = time.perf_counter()
     try:
         model.train()
         with monitor, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed)  # dropout masks
-            for batch in _batches(fitted, config):
+            _seed_rng(config, state, device)  # dropout masks
+            # The seeded order is regenerated from its start and the first `first` batches skipped: a resumed
+            # call takes exactly the batches the interrupted one would have taken next.
+            for batch in itertools.islice(_batches(fitted, config), first, last):
                 result.lrs.append(optimizer.param_groups[0]["lr"])
                 loss = _step(model, params, batch, optimizer, config, loss_fn or causal_lm_loss, pad_id)
                 result.losses.append(loss)
                 scheduler.step()
                 result.steps += 1
+                if on_step is not None:
+                    on_step(_snapshot(first + result.steps, optimizer, params, device), loss)
                 monitor.sample()
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}")

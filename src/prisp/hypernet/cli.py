@@ -67,14 +67,14 @@ def train_command(
     mode: Mode = typer.Option(Mode.sft, help="sft: generated LoRA in the base model's graph; recon: L1 to "
                                              "per-task LoRAs."),
     epochs: int = typer.Option(3, min=1),
-    steps_limit: Optional[int] = typer.Option(None, min=1, help="Stop after this many steps in all."),
+    steps_limit: Optional[int] = typer.Option(None, min=1, help="Stop after this many steps in all (the LR schedule spans them)."),
     batch_size: int = typer.Option(8, min=1),
     lr: float = typer.Option(1e-4, min=0.0),
     max_length: int = typer.Option(256, min=8, help="Tokens per example (the prompt's left part is cut)."),
     save_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps (default: each epoch end)."),
     eval_instances: int = typer.Option(2, min=0, help="Held-out instances per task for ROUGE-L (0: skip)."),
     seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
+    resume: bool = typer.Option(False, help="Continue exactly from OUT/checkpoint (its optimiser state and LR schedule)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: $PRISP_THREADS or torch's)."),
 ) -> None:
     """Train the hypernetwork (resumable; logs loss per step, held-out metrics per epoch)."""

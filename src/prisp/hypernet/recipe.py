@@ -8,11 +8,16 @@ Two modes (a small strategy table, :data:`MODES`):
 * ``recon``: L1 between the generated factors and per-task target LoRAs, themselves trained with
   ``prisp.training.train`` on a few tasks (cheap: no base-model pass per hypernet step).
 
-Each epoch is one call of ``train`` (one AdamW, warm-up then linear decay; epoch peaks follow a cosine
-over the run). Every ``save_every`` steps the hypernetwork and the run state (which examples of the epoch
-are done) are checkpointed from inside the loop; a resumed run feeds the epoch's remaining examples to a
-new ``train`` call (a fresh AdamW: optimiser moments are not carried over, see the report). Loss is logged
-per step (``log.jsonl``), held-out metrics after every epoch.
+Each epoch is one call of ``train``; together they follow one schedule over the whole run (linear warm-up
+over ``warmup_ratio`` of the run's steps, then linear decay towards zero at its last step) with one AdamW
+whose moments carry from epoch to epoch. Every ``save_every`` steps (from the loop's ``on_step``) the
+checkpoint takes the hypernetwork, the run state (epoch, step, which examples of the epoch are done) and
+the loop's :class:`~prisp.training.TrainState` (AdamW moments and step counts, dropout RNG, position in the
+epoch's seeded batch order). ``--resume`` continues from it exactly: an interrupted run resumed from a
+checkpoint takes the same steps, with the same losses and final weights, as one never interrupted, as long
+as the options are unchanged. A checkpoint written before this state was saved still resumes (the epoch's
+remaining examples in a new call, the schedule at its step), with a warning that AdamW's moments restart.
+Loss is logged per step (``log.jsonl``), held-out metrics after every epoch.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from prisp.hypernet.data import DescriptionTable, SniData, described_examples, d
 from prisp.hypernet.encoders import DescriptionEncoder
 from prisp.hypernet.evaluation import HyperLoraModel, RougeProbe, add_header, answer_loss, rouge_l, sft_loss
 from prisp.hypernet.model import HyperNet, HyperNetConfig
-from prisp.training import Example, TokenizedExample, TrainConfig, tokenize_examples, train
+from prisp.training import Example, TokenizedExample, TrainConfig, TrainState, tokenize_examples, train
 
 logger = logging.getLogger(__name__)
 MODE_NAMES = ("sft", "recon")
@@ -50,13 +55,15 @@ class HyperTrainConfig:
         mode: ``sft`` or ``recon``.
         epochs: Passes over the training examples.
         batch_size: Examples per step (tasks mix within a batch).
-        lr: Peak learning rate of the first epoch.
-        min_lr_ratio: Last epoch's peak as a fraction of ``lr`` (cosine in between).
-        warmup_ratio: Warm-up fraction of every ``train`` call (each epoch, and a resumed remainder).
+        lr: Peak learning rate, reached at the end of the warm-up.
+        warmup_ratio: Fraction of the run's steps spent warming up linearly from the start; the learning rate
+            then decays linearly towards zero at the run's last step. One schedule over the whole run: it
+            spans the per-epoch ``train`` calls and continues unchanged across a resume.
         weight_decay, max_grad_norm: As in ``TrainConfig``.
         max_length: Tokens per example (prompts lose their left part beyond it).
         seed: Seeds description draws, shuffling and dropout.
-        steps_limit: Stop after this many steps in all (None: no limit).
+        steps_limit: Stop after this many steps in all; the schedule then spans this many steps (None: no
+            limit). The steps are the first ones of the unlimited run's batch order.
         save_every: Checkpoint every this many steps (None: at the end of each epoch only).
         eval_instances: Held-out instances per task for ROUGE-L (0 skips generation).
         eval_max_new_tokens: Answer budget of the ROUGE-L probe.
@@ -71,7 +78,6 @@ class HyperTrainConfig:
     epochs: int = 3
     batch_size: int = 8
     lr: float = 1e-4
-    min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
@@ -93,7 +99,7 @@ class HyperTrainConfig:
             "epochs": isinstance(self.epochs, int) and self.epochs >= 1,
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
             "lr": self.lr > 0,
-            "min_lr_ratio": 0 < self.min_lr_ratio <= 1,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
             "max_length": isinstance(self.max_length, int) and self.max_length >= 8,
             "steps_limit": self.steps_limit is None or self.steps_limit >= 1,
             "save_every": self.save_every is None or self.save_every >= 1,
@@ -111,7 +117,8 @@ class RunState:
 
     epoch: int = 0  # epochs fully done
     step: int = 0  # optimiser steps done in all
-    consumed: list[int] = field(default_factory=list)  # positions of the current epoch's examples done
+    consumed: list[int] = field(default_factory=list)  # positions of the current epoch's examples done, in order
+    call_start: int = 0  # of those, done before the epoch's current train() call (a resumed old checkpoint)
     done: bool = False
     seconds: float = 0.0  # training wall time in all (train() calls only)
     history: list[dict] = field(default_factory=list)  # per-epoch metrics
@@ -125,15 +132,9 @@ class RunResult:
     out_dir: Path
 
 
-def _peak_lr(config: HyperTrainConfig, step: int, total_steps: int) -> float:
-    """Cosine over the run from ``lr`` to ``lr * min_lr_ratio``, sampled at the call's first step."""
-    progress = min(1.0, step / max(1, total_steps))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @dataclass
 class _Run:
-    """Everything a run needs, built once."""
+    """Everything a run needs, built once (``loop``: the training loop's state, updated every step)."""
 
     wrapper: HyperLoraModel
     tokenizer: object
@@ -146,12 +147,16 @@ class _Run:
     checkpoint: HyperNetCheckpoint
     out_dir: Path
     log_file: Path
+    loop: TrainState | None = None
 
 
 def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: DescriptionEncoder, out_dir: str | Path,
                    config: HyperTrainConfig, *, model_name: str, command: str = "",
                    resume: bool = False) -> RunResult:
     """Train (or resume training) a hypernetwork; checkpoints go to ``out_dir/checkpoint``.
+
+    The run is one learning-rate schedule and one AdamW over all its steps; resuming from a checkpoint
+    continues both exactly (see the module docstring).
 
     Args:
         base: The base causal LM; frozen here (``requires_grad_(False)``) and never modified.
@@ -178,14 +183,11 @@ def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: Descripti
     total_steps = mode.total_steps()
     while not state.done:
         examples = mode.examples(state.epoch)  # header = position in this list
-        done = set(state.consumed)
-        remaining = [p for p in range(len(examples)) if p not in done]
-        if config.steps_limit is not None:
-            remaining = remaining[: max(0, config.steps_limit - state.step) * config.batch_size]
-        if remaining:
-            _run_epoch(run, mode, state, examples, remaining, total_steps)
+        _run_epoch(run, mode, state, examples, total_steps)
         if len(state.consumed) >= len(examples):
-            state.epoch, state.consumed = state.epoch + 1, []
+            state.epoch, state.consumed, state.call_start = state.epoch + 1, [], 0
+            # The next epoch is a fresh pass (its own shuffle and dropout seed) with the same AdamW moments.
+            run.loop = TrainState(optimizer=run.loop.optimizer) if run.loop is not None else None
         limited = config.steps_limit is not None and state.step >= config.steps_limit
         state.done = limited or state.epoch >= config.epochs
         _end_of_epoch(run, state)
@@ -201,12 +203,20 @@ def _prepare(base, tokenizer, data, encoder, out_dir, config, model_name, comman
     eval_rows = {task.name: table.add(task.name, task.eval_description) for task in heldout}
     embeddings = _embeddings(encoder, table.texts, out_dir / "embeddings.safetensors")  # [R, d]
     ckpt_dir = out_dir / "checkpoint"
+    loop = None
     if resume and (ckpt_dir / "hypernet.json").is_file():
-        checkpoint = load_checkpoint(ckpt_dir)
+        checkpoint = load_checkpoint(ckpt_dir, with_train_state=True)
         _check_resumable(checkpoint, data, encoder, config)
         state = RunState(**checkpoint.meta["state"])
         limit_left = config.steps_limit is None or state.step < config.steps_limit
         state.done = state.done and not (state.epoch < config.epochs and limit_left)
+        loop = checkpoint.train_state
+        if loop is None or loop.optimizer is None:
+            # Written before the loop state was saved: its partial epoch cannot be replayed, so the rest of the
+            # epoch's examples go to a new train() call, with fresh moments; the schedule continues at state.step.
+            logger.warning("checkpoint %s has no optimiser state (an older format): AdamW's moments restart; "
+                           "the learning-rate schedule continues at step %d", ckpt_dir, state.step)
+            loop, state.call_start = None, len(state.consumed)
         _truncate_log(out_dir / "log.jsonl", state.step)
         logger.info("resuming %s at epoch %d step %d (%d examples of the epoch done)", ckpt_dir, state.epoch,
                     state.step, len(state.consumed))
@@ -228,7 +238,7 @@ def _prepare(base, tokenizer, data, encoder, out_dir, config, model_name, comman
                        golds=[[i.output for i in t.instances[:config.eval_instances]] for t in heldout])
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(wrapper, tokenizer, data, table, eval_rows, heldout_examples, probe, config, checkpoint, out_dir,
-               out_dir / "log.jsonl")
+               out_dir / "log.jsonl", loop)
     return run, state
 
 
@@ -263,6 +273,11 @@ def _check_resumable(checkpoint: HyperNetCheckpoint, data: SniData, encoder, con
     for option in ("mode", "batch_size", "seed", "max_length"):
         if saved.get(option) != getattr(config, option):
             raise DataError(f"cannot resume: option {option} was {saved.get(option)!r}, now {getattr(config, option)!r}")
+    changed = [o for o in ("epochs", "steps_limit", "lr", "warmup_ratio", "weight_decay", "max_grad_norm")
+               if o in saved and saved[o] != getattr(config, o)]
+    if changed:
+        logger.warning("resuming with changed %s: the run continues, but no longer as the uninterrupted run would "
+                       "(the learning-rate schedule or the updates differ from here on)", ", ".join(changed))
 
 
 def _heldout_examples(tokenizer, heldout, eval_rows, max_length) -> list[TokenizedExample]:
@@ -272,73 +287,56 @@ def _heldout_examples(tokenizer, heldout, eval_rows, max_length) -> list[Tokeniz
     return [add_header(e, row, max_length) for e, row in zip(tokenized, rows)]
 
 
-def _run_epoch(run: _Run, mode, state: RunState, examples: list[TokenizedExample], positions: list[int],
-               total_steps: int) -> None:
-    """One ``train`` call over ``examples[positions]``, checkpointing every ``save_every`` steps."""
+def _run_epoch(run: _Run, mode, state: RunState, examples: list[TokenizedExample], total_steps: int) -> None:
+    """The epoch's ``train`` call (continuing ``run.loop`` exactly), checkpointing every ``save_every`` steps.
+
+    The call covers the epoch's examples not done before it began (all of them, unless an old checkpoint
+    left a partial epoch), shuffled by a seed of the epoch; its steps sit at ``state.step - run.loop.step``
+    onwards in the run's one schedule.
+    """
     config = run.config
-    lr = _peak_lr(config, state.step, total_steps)
+    before = set(state.consumed[:state.call_start])
+    positions = [p for p in range(len(examples)) if p not in before]
+    done_in_call = run.loop.step if run.loop is not None else 0
+    if len(state.consumed) - state.call_start != min(done_in_call * config.batch_size, len(positions)):
+        raise DataError(f"cannot resume: the checkpoint's loop state (step {done_in_call} of the epoch's call) "
+                        f"disagrees with its {len(state.consumed)} examples done")
+    schedule_start = state.step - done_in_call  # run steps before this call
+    max_steps = None if config.steps_limit is None else config.steps_limit - schedule_start
+    if done_in_call >= min(math.ceil(len(positions) / config.batch_size), max_steps or math.inf):
+        return  # interrupted after the call's last step: nothing left to train in it
     start_step, seconds_before = state.step, state.seconds
     started = time.perf_counter()
+    seen: list[int] = []  # example positions the loss hook reported since the last step
 
-    def on_step(step: int, value: float, done_positions: list[int]) -> None:
-        state.step = step
-        state.consumed += done_positions
+    def on_step(loop: TrainState, value: float) -> None:
+        run.loop = loop
+        state.step = schedule_start + loop.step
+        state.consumed += seen
+        seen.clear()
         elapsed = time.perf_counter() - started
         state.seconds = seconds_before + elapsed
-        _log(run, {"step": step, "epoch": state.epoch, "loss": round(value, 5), "seconds": round(elapsed, 2)})
-        logger.info("step %d/%d epoch %d loss %.4f (%.2f s/step)", step, total_steps, state.epoch, value,
-                    elapsed / (step - start_step))
-        return bool(config.save_every) and step % config.save_every == 0
+        _log(run, {"step": state.step, "epoch": state.epoch, "loss": round(value, 5), "seconds": round(elapsed, 2)})
+        logger.info("step %d/%d epoch %d loss %.4f (%.2f s/step)", state.step, total_steps, state.epoch, value,
+                    elapsed / (state.step - start_step))
+        if config.save_every and state.step % config.save_every == 0:
+            _save(run, state)  # after the optimiser step: weights and loop state agree
 
-    meter = _StepMeter(len(positions), config.batch_size, start_step, on_step, save=lambda: _save(run, state))
-    run.wrapper.on_loss = meter
+    run.wrapper.on_loss = lambda loss, headers, tokens: seen.extend(headers)
     run.wrapper.row_lookup = mode.rows(state.epoch)
-    train_config = TrainConfig(epochs=1, batch_size=config.batch_size, lr=lr, weight_decay=config.weight_decay,
+    train_config = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
                                warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
-                               seed=config.seed + 7919 * state.epoch + len(state.consumed),
-                               max_length=config.max_length, progress=False, micro_batch_size=mode.micro_batch_size)
+                               seed=config.seed + 7919 * state.epoch + state.call_start,
+                               max_length=config.max_length, progress=False, micro_batch_size=mode.micro_batch_size,
+                               schedule_steps=total_steps, schedule_start=schedule_start, max_steps=max_steps)
     try:
         train(run.wrapper, list(run.wrapper.hypernet.parameters()), [examples[p] for p in positions], train_config,
-              loss_fn=mode.loss_fn, pad_id=run.tokenizer.pad_token_id or 0)
+              loss_fn=mode.loss_fn, pad_id=run.tokenizer.pad_token_id or 0, state=run.loop, on_step=on_step)
     finally:
         run.wrapper.on_loss = None
         run.wrapper.row_lookup = None
         state.seconds = seconds_before + time.perf_counter() - started
     _save(run, state)
-
-
-class _StepMeter:
-    """Turns per-micro-batch losses into one token-weighted loss per optimiser step, and checkpoints.
-
-    ``train`` cuts the (shuffled) examples into batches of ``batch_size`` (the last may be short) and each
-    batch into micro-batches; the loss hook sees only micro-batches, so steps are counted by examples. A
-    checkpoint asked for at step k is written when step k+1's first micro-batch arrives, i.e. after the
-    optimiser has applied step k (or by the caller after ``train`` returns).
-    """
-
-    def __init__(self, n_examples: int, batch_size: int, start_step: int, on_step, save) -> None:
-        self.left = n_examples
-        self.batch_size = batch_size
-        self.step = start_step
-        self.on_step = on_step
-        self.save = save
-        self.pending_save = False
-        self.total = self.tokens = 0.0
-        self.positions: list[int] = []
-
-    def __call__(self, loss: float, positions: list[int], tokens: int) -> None:
-        if self.pending_save:
-            self.save()
-            self.pending_save = False
-        self.total += loss * tokens
-        self.tokens += tokens
-        self.positions += positions
-        if len(self.positions) >= min(self.batch_size, self.left):
-            self.step += 1
-            self.left -= len(self.positions)
-            self.pending_save = self.on_step(self.step, self.total / max(1.0, self.tokens), self.positions)
-            self.total = self.tokens = 0.0
-            self.positions = []
 
 
 def _evaluate(run: _Run, with_adapter: bool) -> dict:
@@ -379,6 +377,7 @@ def _epoch_losses(log_file: Path, epoch: int) -> dict:
 
 def _save(run: _Run, state: RunState) -> None:
     run.checkpoint.meta["state"] = asdict(state)
+    run.checkpoint.train_state = run.loop
     run.checkpoint.meta["metrics"] = {"base": state.base_metrics,
                                       "final": state.history[-1] if state.history else None}
     save_checkpoint(run.checkpoint, run.out_dir / "checkpoint")
