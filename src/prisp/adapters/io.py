@@ -95,7 +95,7 @@ def load_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:
     path = Path(adapter_dir)
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
-    spec = _read_spec(path / CONFIG_NAME)
+    spec = read_spec(path / CONFIG_NAME)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         pickled = [n for n in _PICKLE_NAMES if (path / n).exists()]
@@ -111,7 +111,7 @@ def load_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:
     return weights
 
 
-def _read_spec(config_file: Path) -> LoraSpec:
+def read_spec(config_file: Path) -> LoraSpec:
     """Build a LoraSpec from a peft ``adapter_config.json``."""
     if not config_file.is_file():
         raise AdapterError(f"adapter {config_file.parent} has no {CONFIG_NAME}")

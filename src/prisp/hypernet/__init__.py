@@ -28,6 +28,9 @@ _EXPORTS = {
     "Anchorer": "prisp.hypernet.anchor",
     "AnchorResult": "prisp.hypernet.anchor",
     "generate_anchor": "prisp.hypernet.anchor",
+    "T2LAnchorer": "prisp.hypernet.t2l_import",
+    "T2LCheckpoint": "prisp.hypernet.t2l_import",
+    "load_t2l": "prisp.hypernet.t2l_import",
 }
 
 __all__ = [
@@ -43,9 +46,12 @@ __all__ = [
     "MiniLMEncoder",
     "SniData",
     "SniTask",
+    "T2LAnchorer",
+    "T2LCheckpoint",
     "generate_anchor",
     "load_checkpoint",
     "load_sni",
+    "load_t2l",
     "make_encoder",
     "save_checkpoint",
     "shipped_checkpoint",

@@ -53,7 +53,7 @@ def default_hypernet_path(model_name: str) -> Path:
     return path
 
 
-def _model_shapes(model_name: str, targets: tuple[str, ...]) -> dict:
+def model_shapes(model_name: str, targets: tuple[str, ...]) -> dict:
     """Target-module shapes from the model's config alone (no weights loaded)."""
     from transformers import AutoConfig
 
@@ -104,7 +104,7 @@ class Anchorer:
         path = Path(hypernet) if hypernet is not None else default_hypernet_path(model_name)
         meta = read_meta(path)
         targets = tuple(meta["config"].get("modules", {})) or ("q_proj", "v_proj")
-        shapes = shapes_for_model(base, targets) if base is not None else _model_shapes(model_name, targets)
+        shapes = shapes_for_model(base, targets) if base is not None else model_shapes(model_name, targets)
         checkpoint = load_checkpoint(path, shapes=shapes)
         if checkpoint.encoder == "base" and base is None:
             from prisp.models import load_model

@@ -106,20 +106,41 @@ def anchor_command(
     description: str = typer.Option(..., help="The task, in a sentence or two."),
     out: Path = typer.Option(..., help="Adapter directory to write (standard peft LoRA)."),
     hypernet: Optional[Path] = typer.Option(None, help="Hypernet checkpoint (default: the one shipped for --model)."),
-    model: str = typer.Option("smollm2-135m", help="Base model the adapter is for."),
+    t2l: Optional[Path] = typer.Option(None, help="Instead of a prisp hypernet: a published Text-to-LoRA checkpoint "
+                                                  "directory (hypermod.pt + args.yaml [+ adapter_config.json])."),
+    encoder_dir: Optional[Path] = typer.Option(None, help="With --t2l: local copy of the checkpoint's description "
+                                                          "encoder (e.g. gte-large-en-v1.5)."),
+    trust_remote_code: bool = typer.Option(False, help="With --t2l: let the encoder directory run its own "
+                                                       "modelling code (gte-large-en-v1.5 needs it)."),
+    module_order: Optional[str] = typer.Option(None, help="With --t2l: T2L's module-type numbering, e.g. "
+                                                          "'v_proj,q_proj' (default: args.yaml's target_modules)."),
+    model: Optional[str] = typer.Option(None, help="Base model the adapter is for (default: smollm2-135m, or the "
+                                                   "T2L checkpoint's model_dir)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: $PRISP_THREADS or torch's)."),
 ) -> None:
     """Generate a task anchor LoRA from a description in one hypernetwork forward pass."""
-    from prisp.errors import DataError
+    from prisp.errors import DataError, PrispError
 
     if not description.strip():
         raise DataError("--description is empty; describe the task in a sentence or two")
-    from prisp.hypernet.anchor import Anchorer
-
+    if t2l is None and (encoder_dir is not None or trust_remote_code or module_order is not None):
+        raise PrispError("--encoder-dir, --trust-remote-code and --module-order only apply with --t2l")
+    if t2l is not None and hypernet is not None:
+        raise PrispError("pass either --hypernet or --t2l, not both")
     quiet_transformers()
     set_threads(threads)
     start = time.perf_counter()
-    anchorer = Anchorer.load(hypernet, model)
+    if t2l is not None:
+        from prisp.hypernet.t2l_import import T2LAnchorer
+
+        order = [m.strip() for m in module_order.split(",") if m.strip()] if module_order else None
+        anchorer = T2LAnchorer.load(t2l, model, encoder_dir, trust_remote_code, order)
+        for note in anchorer.notes:
+            typer.echo(f"prisp: note: {note}", err=True)
+    else:
+        from prisp.hypernet.anchor import Anchorer
+
+        anchorer = Anchorer.load(hypernet, model or "smollm2-135m")
     load_s = time.perf_counter() - start
     first = anchorer.generate(description)
     result = anchorer.write(description, out)
