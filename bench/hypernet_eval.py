@@ -48,11 +48,16 @@ def exact_match(golds: list[str], preds: list[str]) -> float:
     return sum(normalize(g) == normalize(p) for g, p in zip(golds, preds)) / max(1, len(golds))
 
 
+def sni_scores(golds: list[str], preds: list[str]) -> dict:
+    from prisp.metrics import generation_metrics
+
+    return {"rouge-L": generation_metrics(golds, preds)["rouge-L"], "em": exact_match(golds, preds)}
+
+
 def sni_part(loaded, anchorer, sni_path: Path, max_new_tokens: int) -> dict:
     from prisp.adapters import attach_lora
     from prisp.generation import GenerationConfig, generate
     from prisp.hypernet.data import load_sni
-    from prisp.metrics import generation_metrics
 
     data = load_sni(sni_path)
     config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=8, max_input_tokens=512)
@@ -69,14 +74,8 @@ def sni_part(loaded, anchorer, sni_path: Path, max_new_tokens: int) -> dict:
             "task": task.name,
             "n": len(prompts),
             "description": task.eval_description,
-            "base": {
-                "rouge-L": generation_metrics(golds, base_out)["rouge-L"],
-                "em": exact_match(golds, base_out),
-            },
-            "anchor": {
-                "rouge-L": generation_metrics(golds, anchor_out)["rouge-L"],
-                "em": exact_match(golds, anchor_out),
-            },
+            "base": sni_scores(golds, base_out),
+            "anchor": sni_scores(golds, anchor_out),
             "examples": [
                 {"gold": g, "base": b, "anchor": a} for g, b, a in list(zip(golds, base_out, anchor_out))[:2]
             ],
@@ -88,14 +87,8 @@ def sni_part(loaded, anchorer, sni_path: Path, max_new_tokens: int) -> dict:
         all_anchor += anchor_out
     overall = {
         "n": len(all_golds),
-        "base": {
-            "rouge-L": generation_metrics(all_golds, all_base)["rouge-L"],
-            "em": exact_match(all_golds, all_base),
-        },
-        "anchor": {
-            "rouge-L": generation_metrics(all_golds, all_anchor)["rouge-L"],
-            "em": exact_match(all_golds, all_anchor),
-        },
+        "base": sni_scores(all_golds, all_base),
+        "anchor": sni_scores(all_golds, all_anchor),
     }
     return {"tasks": rows, "overall": overall, "sha256": data.sha256}
 

@@ -40,6 +40,16 @@ class AnchorResult:
         return self.encode_ms + self.hypernet_ms
 
 
+def timed_generation(encoder: DescriptionEncoder, hypernet, text: str) -> AnchorResult:
+    """Embed ``text`` and run ``hypernet.to_lora_weights`` on it, timing the two halves separately."""
+    start = time.perf_counter()
+    emb = encoder.encode([text], batch_size=1)  # [1, d]
+    mid = time.perf_counter()
+    weights = hypernet.to_lora_weights(emb[0])
+    end = time.perf_counter()
+    return AnchorResult(weights=weights, encode_ms=(mid - start) * 1e3, hypernet_ms=(end - mid) * 1e3)
+
+
 def default_hypernet_path(model_name: str) -> Path:
     """The shipped checkpoint for ``model_name``.
 
@@ -122,12 +132,7 @@ class Anchorer:
         """
         if not isinstance(description, str) or not description.strip():
             raise DataError("the task description is empty; describe the task in a sentence or two")
-        start = time.perf_counter()
-        emb = self.encoder.encode([description.strip()])  # [1, d]
-        mid = time.perf_counter()
-        weights = self.checkpoint.hypernet.to_lora_weights(emb[0])
-        end = time.perf_counter()
-        return AnchorResult(weights=weights, encode_ms=(mid - start) * 1e3, hypernet_ms=(end - mid) * 1e3)
+        return timed_generation(self.encoder, self.checkpoint.hypernet, description.strip())
 
     def write(self, description: str, out_dir: str | os.PathLike) -> AnchorResult:
         """Generate and write the anchor as a peft adapter directory."""

@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ import yaml
 from prisp.adapters import LoraSpec, save_adapter
 from prisp.adapters.io import read_spec
 from prisp.errors import AdapterError, DataError, ModelNotFoundError
-from prisp.hypernet.anchor import AnchorResult, model_shapes
+from prisp.hypernet.anchor import AnchorResult, model_shapes, timed_generation
 from prisp.hypernet.checkpoint import check_fits
 from prisp.hypernet.encoders import DescriptionEncoder
 from prisp.hypernet.t2l_model import T2LConfig, T2LHyperModulator
@@ -379,12 +378,7 @@ class T2LAnchorer:
         text = description.strip().strip("\"'").strip() if isinstance(description, str) else ""
         if not text:
             raise DataError("the task description is empty; describe the task in a sentence or two")
-        start = time.perf_counter()
-        emb = self.encoder.encode([text], batch_size=1)  # [1, d], L2-normalised times sqrt(d)
-        mid = time.perf_counter()
-        weights = self.checkpoint.hypernet.to_lora_weights(emb[0])
-        end = time.perf_counter()
-        return AnchorResult(weights=weights, encode_ms=(mid - start) * 1e3, hypernet_ms=(end - mid) * 1e3)
+        return timed_generation(self.encoder, self.checkpoint.hypernet, text)
 
     def write(self, description: str, out_dir: str | os.PathLike) -> AnchorResult:
         """Generate and write the adapter atomically as a standard peft LoRA directory."""
