@@ -167,12 +167,14 @@ class LampEval:
         }
 
 
-def lamp_part(loaded, anchorer, args) -> dict:
+def lamp_part(loaded, anchorer, args, out: dict, save) -> dict:
+    """Adds each task of ``args.tasks`` not yet in ``out`` (a resumed run keeps finished tasks), saving after each."""
     from prisp.adapters import LoraSpec, random_init
     from prisp.bench.anchors import TASK_DESCRIPTIONS
 
-    out = {}
     for task in args.tasks:
+        if task in out:
+            continue
         ev = LampEval(loaded, args.model, Path(args.data), task, args.users, Path(args.bench_out))
         hyper = anchorer.generate(TASK_DESCRIPTIONS[task]).weights
         adapted = ev.ctx.task_anchor(with_sharer_data=False)
@@ -189,6 +191,7 @@ def lamp_part(loaded, anchorer, args) -> dict:
             rows[name] = stage(weights)
             print(f"{task} {name}: {rows[name]['metrics']}", flush=True)
         out[task] = {"users": len(ev.targets.users), "rows": rows, "task_adapted_source": adapted.source}
+        save()
     return out
 
 
@@ -220,12 +223,12 @@ def write_report(path: Path, result: dict, args) -> None:
         "",
         f"Hypernetwork: {result['hypernet']}. Model `{args.model}`, greedy decoding, {args.threads} torch "
         f"thread(s) on {platform.machine()} ({os.cpu_count()} cores), git {result['git']}. "
-        f"Wall time {result['seconds'] / 60:.1f} min.",
+        f"Wall time {result['seconds'] / 60:.1f} min (all commands).",
         "",
         "Produced by:",
         "",
         "```",
-        result["command"],
+        *result["commands"],
         "```",
         "",
     ]
@@ -312,6 +315,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench/results/hypernet_eval.md"))
+    parser.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run")
     args = parser.parse_args()
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     parts = set(args.parts.split(","))
@@ -331,24 +335,37 @@ def main() -> None:
     hyper_path = Path(args.hypernet) if args.hypernet else shipped_checkpoint(args.model)
     meta = read_meta(hyper_path)
     steps = (meta.get("training") or {}).get("step")
-    result = {
-        "command": "python bench/hypernet_eval.py " + " ".join(sys.argv[1:]),
-        "git": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
-        "hypernet": f"`{hyper_path.relative_to(ROOT) if hyper_path.is_relative_to(ROOT) else hyper_path}`"
-        + (f" ({steps} SFT steps)" if steps else ""),
-    }
-    if "sni" in parts:
-        result["sni"] = sni_part(loaded, anchorer, Path(args.sni), args.sni_max_new_tokens)
-    if "lamp" in parts:
-        result["lamp"] = lamp_part(loaded, anchorer, args)
-    if "robustness" in parts:
-        result["robustness"] = robustness_part(loaded, anchorer, args, result.get("lamp", {}))
-    result["seconds"] = time.perf_counter() - started
+    hypernet = f"`{hyper_path.relative_to(ROOT) if hyper_path.is_relative_to(ROOT) else hyper_path}`" + (
+        f" ({steps} SFT steps)" if steps else ""
+    )
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    write_report(out, result, args)
+    json_file = out.with_suffix(".json")
+    # Parts (and LaMP tasks) already in the JSON from an earlier run with the same hypernet are kept, so an
+    # interrupted evaluation continues where it stopped; --fresh starts over.
+    result = json.loads(json_file.read_text()) if json_file.is_file() and not args.fresh else {}
+    if result.get("hypernet") != hypernet:
+        result = {"hypernet": hypernet, "commands": [], "seconds": 0.0}
+    result["commands"].append("python bench/hypernet_eval.py " + " ".join(sys.argv[1:]))
+    result["git"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    seconds_before = result["seconds"]
+
+    def save() -> None:
+        result["seconds"] = seconds_before + time.perf_counter() - started
+        tmp = json_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(json_file)
+        write_report(out, result, args)
+
+    if "sni" in parts and "sni" not in result:
+        result["sni"] = sni_part(loaded, anchorer, Path(args.sni), args.sni_max_new_tokens)
+        save()
+    if "lamp" in parts:
+        result["lamp"] = lamp_part(loaded, anchorer, args, result.get("lamp", {}), save)
+    if "robustness" in parts and "robustness" not in result:
+        result["robustness"] = robustness_part(loaded, anchorer, args, result.get("lamp", {}))
+    save()
 
 
 if __name__ == "__main__":
