@@ -179,3 +179,19 @@ def test_bad_options_are_one_line_errors():
         profile_config("quick", methods=("np", "magic"))
     with pytest.raises(PrispError, match="protocol"):
         profile_config("quick", protocol="zero-shot")
+
+
+def test_report_only_computes_nothing_and_lists_missing_cells(quick_run, tiny_model_dir, tmp_path):
+    src, _ = quick_run
+    out = tmp_path / "partial"
+    shutil.copytree(src, out)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    dropped = [json.loads(line) for line in lines[-2:]]
+    result = _bench(out, tiny_model_dir, "--report-only")
+    assert "(2 grid cells not run yet)" in result.output
+    assert len(_rows(out)) == len(lines) - 2  # nothing was computed
+    report = (out / "report.md").read_text()
+    assert "## Not run (2 cells)" in report
+    for row in dropped:
+        assert f"| {row['task']} | {row['method']} | {row['variant']} | {row['items']} |" in report

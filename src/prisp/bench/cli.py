@@ -41,6 +41,9 @@ def bench_command(
         None, help="torch CPU threads (default: $PRISP_THREADS or torch's)."
     ),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Only (re)write report.md and the figures from the rows already there."
+    ),
 ) -> None:
     """Run the paper's comparison grid (resumable) and write results.jsonl, report.md and figures."""
     from prisp.bench.config import profile_config
@@ -70,6 +73,12 @@ def bench_command(
         seed=seed,
         progress=progress,
     )
+    if report_only:
+        from prisp.bench.runner import report_only as write_report_only
+
+        path, missing = write_report_only(config)
+        typer.echo(f"report: {path} ({len(missing)} grid cells not run yet)")
+        return
     _quiet_transformers()
     outcome = run_bench(config)
     typer.echo(

@@ -197,8 +197,12 @@ def command_line(config: BenchConfig) -> str:
     )
 
 
-def write_report(config: BenchConfig, rows: Sequence[dict]) -> Path:
-    """Write ``report.md`` and its PNG figures into ``config.out``; returns the report path."""
+def write_report(config: BenchConfig, rows: Sequence[dict], missing: Sequence = ()) -> Path:
+    """Write ``report.md`` and its PNG figures into ``config.out``; returns the report path.
+
+    ``missing``: grid cells (``prisp.bench.results.Cell``) with no row yet; listed so a partial report says what
+    it lacks.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     main, sizes = select_rows(config, rows)
@@ -226,6 +230,10 @@ def write_report(config: BenchConfig, rows: Sequence[dict]) -> Path:
     lines += _figure_sections(config, main, sizes, out)
     anchor_note = "- PRISP anchor: " + ("; ".join(anchors) if anchors else "not run") + "."
     lines += ["## Notes", "", _TIME_NOTE, _MEMORY_NOTE, anchor_note]
+    if missing:
+        lines += ["", f"## Not run ({len(missing)} cells)", "", "| task | method | variant | items | users |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c.task} | {c.method} | {c.variant} | {c.items} | {c.users} |" for c in missing]
     path = out / REPORT_NAME
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

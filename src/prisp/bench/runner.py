@@ -251,6 +251,21 @@ def run_cells(ctx: TaskContext, cells: Sequence[Cell], store: ResultStore, bar) 
     return written
 
 
+def missing_cells(config: BenchConfig, store: ResultStore) -> list[Cell]:
+    """The grid cells of ``config`` that have no row in ``store`` yet."""
+    return [c for task in config.tasks for c in grid(config, task) if not store.has(cell_key(config, c))]
+
+
+def report_only(config: BenchConfig) -> tuple[Path, list[Cell]]:
+    """Write the report from the rows already in ``config.out`` (nothing is computed); returns it and the cells
+    still missing."""
+    from prisp.bench.report import write_report
+
+    store = ResultStore(config.out)
+    missing = missing_cells(config, store)
+    return write_report(config, store.rows, missing), missing
+
+
 def run_bench(
     config: BenchConfig,
     prisp_anchor: AnchorProvider | None = None,
