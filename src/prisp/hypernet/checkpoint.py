@@ -155,12 +155,7 @@ def load_checkpoint(path: str | os.PathLike, shapes: dict | None = None, *,
     if shapes is not None:
         check_fits(config, shapes, where=str(path))
     weights_file = path / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise AdapterError(f"hypernet checkpoint {path} has no {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"hypernet weights {weights_file} are corrupt: {exc}") from None
+    state = _read_tensors(weights_file, f"hypernet checkpoint {path} has no {WEIGHTS_FILE}", "hypernet weights")
     hypernet = HyperNet(config)
     expected = hypernet.state_dict()
     bad = sorted(set(expected) ^ set(state)) or [k for k in expected if expected[k].shape != state[k].shape]
@@ -200,14 +195,20 @@ def _train_state_parts(state: TrainState, names: list[str]) -> tuple[dict[str, t
     return tensors, scalars
 
 
+def _read_tensors(file: Path, missing: str, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; one-line ``AdapterError`` (``missing``, or ``what`` is corrupt) otherwise."""
+    if not file.is_file():
+        raise AdapterError(missing)
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{what} {file} is corrupt: {exc}") from None
+
+
 def _read_train_state(file: Path, scalars: dict, hypernet: HyperNet) -> TrainState:
     """Inverse of :func:`_train_state_parts`, checked against the hypernet's parameters."""
-    if not file.is_file():
-        raise AdapterError(f"hypernet checkpoint {file.parent} lists a training state but has no {file.name}")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"training state {file} is corrupt: {exc}") from None
+    tensors = _read_tensors(file, f"hypernet checkpoint {file.parent} lists a training state but has no "
+                            f"{file.name}", "training state")
     params = dict(hypernet.named_parameters())
     moments: dict[str, dict[str, torch.Tensor]] = {name: {} for name in params}
     for key, value in tensors.items():
