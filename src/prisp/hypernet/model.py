@@ -136,6 +136,21 @@ class HyperNetConfig:
         return {(i, name): shape for i in range(self.num_layers) for name, shape in self.modules.items()}
 
 
+@torch.no_grad()
+def lora_weights_in_eval(net: nn.Module, factors, spec: LoraSpec, num_layers: int) -> LoraWeights:
+    """Run ``factors()`` (``name -> (A [L, r, in], B [L, out, r])``) with ``net`` in eval mode and unpack the
+    result into float32 ``LoraWeights``; ``net``'s training flag is restored. Shared by every hypernetwork."""
+    was_training = net.training
+    net.eval()
+    try:
+        stacked = factors()
+    finally:
+        net.train(was_training)
+    pairs = {(layer, name): LoraPair(A=A[layer].float().contiguous().clone(), B=B[layer].float().contiguous().clone())
+             for name, (A, B) in stacked.items() for layer in range(num_layers)}
+    return LoraWeights(spec=spec, pairs=dict(sorted(pairs.items())))
+
+
 class _ResidualBlock(nn.Module):
     def __init__(self, dim: int, dropout: float):
         super().__init__()
@@ -217,18 +232,13 @@ class HyperNet(nn.Module):
             out[name] = (A, B)
         return out
 
-    @torch.no_grad()
     def to_lora_weights(self, emb: Tensor) -> LoraWeights:
         """The adapter for one description embedding ``[embed_dim]`` (or ``[1, embed_dim]``), in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
+        def one_row() -> dict[str, tuple[Tensor, Tensor]]:
             stacked = self.stacked(emb.reshape(1, -1).to(next(self.parameters()).dtype))
-        finally:
-            self.train(was_training)
-        pairs = {(layer, name): LoraPair(A=A[0, layer].clone(), B=B[0, layer].clone())
-                 for name, (A, B) in stacked.items() for layer in range(self.config.num_layers)}
-        return LoraWeights(spec=self.config.spec, pairs=dict(sorted(pairs.items())))
+            return {name: (A[0], B[0]) for name, (A, B) in stacked.items()}
+
+        return lora_weights_in_eval(self, one_row, self.config.spec, self.config.num_layers)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from prisp.adapters.config import LoraSpec
-from prisp.adapters.weights import LoraPair, LoraWeights
+from prisp.adapters.weights import LoraWeights
 from prisp.errors import AdapterError
+from prisp.hypernet.model import lora_weights_in_eval
 
 
 @dataclass
@@ -140,19 +141,9 @@ class T2LHyperModulator(nn.Module):
             out[name] = (A + self.AB_offset["A"][name], B + self.AB_offset["B"][name])
         return out
 
-    @torch.no_grad()
     def to_lora_weights(self, emb: Tensor) -> LoraWeights:
         """The adapter for one embedding, computed in eval mode, as float32 ``LoraWeights``."""
-        was_training = self.training
-        self.eval()
-        try:
-            stacked = self.factors(emb)
-        finally:
-            self.train(was_training)
-        pairs = {(layer, name): LoraPair(A=A[layer].float().contiguous().clone(),
-                                         B=B[layer].float().contiguous().clone())
-                 for name, (A, B) in stacked.items() for layer in range(self.config.num_layers)}
-        return LoraWeights(spec=self.config.spec, pairs=dict(sorted(pairs.items())))
+        return lora_weights_in_eval(self, lambda: self.factors(emb), self.config.spec, self.config.num_layers)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
