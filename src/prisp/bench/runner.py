@@ -251,9 +251,11 @@ def run_cells(ctx: TaskContext, cells: Sequence[Cell], store: ResultStore, bar) 
     return written
 
 
-def missing_cells(config: BenchConfig, store: ResultStore) -> list[Cell]:
-    """The grid cells of ``config`` that have no row in ``store`` yet."""
-    return [c for task in config.tasks for c in grid(config, task) if not store.has(cell_key(config, c))]
+def missing_cells(config: BenchConfig, store: ResultStore) -> dict[str, list[Cell]]:
+    """Per task of ``config``, its grid cells that have no row in ``store`` yet."""
+    return {
+        task: [c for c in grid(config, task) if not store.has(cell_key(config, c))] for task in config.tasks
+    }
 
 
 def report_only(config: BenchConfig) -> tuple[Path, list[Cell]]:
@@ -262,7 +264,7 @@ def report_only(config: BenchConfig) -> tuple[Path, list[Cell]]:
     from prisp.bench.report import write_report
 
     store = ResultStore(config.out)
-    missing = missing_cells(config, store)
+    missing = [cell for cells in missing_cells(config, store).values() for cell in cells]
     return write_report(config, store.rows, missing), missing
 
 
@@ -285,9 +287,7 @@ def run_bench(
     from prisp.bench.report import write_report
 
     store = ResultStore(config.out)
-    pending = {
-        task: [c for c in grid(config, task) if not store.has(cell_key(config, c))] for task in config.tasks
-    }
+    pending = missing_cells(config, store)
     total = sum(len(grid(config, task)) for task in config.tasks)
     todo = sum(len(cells) for cells in pending.values())
     written = 0
