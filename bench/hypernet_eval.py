@@ -99,9 +99,7 @@ class LampEval:
     def __init__(self, loaded, model_name: str, data: Path, task: str, users: int, bench_out: Path):
         from prisp.bench.config import BenchConfig
         from prisp.bench.context import TaskContext
-        from prisp.data.tasks import get_task
-        from prisp.generation import GenerationConfig
-        from prisp.predict import PredictConfig
+        from prisp.bench.runner import predict_config
 
         self.loaded, self.model_name, self.task = loaded, model_name, task
         self.config = BenchConfig(
@@ -109,13 +107,9 @@ class LampEval:
         )
         self.ctx = TaskContext(self.config, task, loaded, embedder=None)
         self.targets = self.ctx.targets(users)
-        budget = get_task(task).max_new_tokens
-        gen = GenerationConfig(
-            max_new_tokens=budget,
-            batch_size=self.config.gen_batch_size,
-            max_input_tokens=self.config.max_input_tokens,
-        )
-        self.pconf = PredictConfig(method="np", history=self.config.items, generation=gen)
+        # The benchmark's own options (Base variant): identical prompts and decoding, and identical adapter
+        # cache keys, so a user personalized by either script is reused by the other.
+        self.pconf, _ = predict_config(self.config, self.ctx, self.targets, "np", self.config.items)
 
     def score(self, run) -> dict:
         from prisp.metrics import evaluate, task_score
@@ -136,34 +130,25 @@ class LampEval:
         return {**out, "seconds": time.perf_counter() - start}
 
     def stage2(self, weights) -> dict:
-        """Stage 2 (the prisp strategy, Table 7 schedule) per user from ``weights``, then predictions."""
-        from prisp.personalize import PersonalizeConfig
-        from prisp.personalize.per_user import predict_personalized
+        """Stage 2 (the prisp strategy, Table 7 schedule) per user from ``weights``, then predictions: the
+        benchmark's PRISP cell with ``weights`` plugged in as the PRISP anchor."""
+        from prisp.bench.anchors import Anchor
+        from prisp.bench.context import TaskContext
+        from prisp.bench.methods import get_method
+        from prisp.bench.results import Cell
+        from prisp.bench.runner import run_personal
 
-        pers = PersonalizeConfig(
-            strategy="prisp",
-            k=self.config.items,
-            max_length=self.config.max_length,
-            seed=self.config.seed,
-            progress=False,
-        )
+        ctx = TaskContext(self.config, self.task, self.loaded, embedder=None,
+                          prisp_anchor=lambda _: Anchor(weights, "given", requires_task_data=False))
+        cell = Cell(self.task, "prisp", "np", self.config.items, self.config.users)
         start = time.perf_counter()
-        result = predict_personalized(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            self.model_name,
-            self.targets,
-            weights,
-            pers,
-            self.pconf,
-            self.ctx.cache / "adapters",
-        )
-        train = [c.seconds for c in result.users]
+        outcome = run_personal(ctx, get_method("prisp"), cell, self.targets, self.pconf)
+        train = [c.seconds for c in outcome.costs]
         return {
-            **self.score(result.run),
+            **self.score(outcome.run),
             "seconds": time.perf_counter() - start,
             "train_seconds_mean": sum(train) / len(train),
-            "cached_users": sum(c.cached for c in result.users),
+            "cached_users": sum(c.cached for c in outcome.costs),
         }
 
 

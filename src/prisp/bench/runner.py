@@ -82,7 +82,8 @@ def cell_key(config: BenchConfig, cell: Cell) -> tuple:
     )
 
 
-def _predict_config(config: BenchConfig, ctx: TaskContext, split: LampSplit, variant: str, items: int):
+def predict_config(config: BenchConfig, ctx: TaskContext, split: LampSplit, variant: str, items: int):
+    """The benchmark's prediction options for one cell, and the mean PAG profile seconds (None without PAG)."""
     profiles, seconds = ctx.profiles(split) if variant in ("pag", "rag+pag") else ({}, None)
     budget = get_task(ctx.task).max_new_tokens
     gen = GenerationConfig(
@@ -241,7 +242,7 @@ def run_cells(ctx: TaskContext, cells: Sequence[Cell], store: ResultStore, bar) 
     for index, cell in enumerate(cells):
         method = get_method(cell.method)
         split = ctx.targets(cell.users)
-        pconf, profile_seconds = _predict_config(ctx.config, ctx, split, cell.variant, cell.items)
+        pconf, profile_seconds = predict_config(ctx.config, ctx, split, cell.variant, cell.items)
         outcome = EXECUTORS[method.kind](ctx, method, cell, split, pconf)
         store.append(make_row(ctx.config, cell, method, outcome, split, ctx.labels, profile_seconds))
         written += 1
