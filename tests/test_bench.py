@@ -95,8 +95,19 @@ def test_quick_profile_writes_every_row_the_report_and_the_figures(quick_run, ti
     assert {(r["method"], r["items"]) for r in rows if r["items"] in (1, 5)} == {
         (m, i) for m in ("per-pcs", "prime", "oppu", "prisp") for i in (1, 5)
     }
+    users_of = {(r["task"], r["users"], r["items"]): {q["user"] for q in r["predictions"]} for r in rows}
+    for row in rows:  # every query's answer is kept with its user and gold, in the row's score order
+        records = row["predictions"]
+        users = {r["user"] for r in records}
+        assert len(records) == row["queries"] and len(users) == row["n_users"]
+        assert users == users_of[(row["task"], row["users"], row["items"])]  # every method, the same users
+        assert all(r["gold"] is not None and isinstance(r["output"], str) for r in records)
+        assert (row["labels"] is not None) == (row["task"] == "LaMP-2N")
     report = (out / "report.md").read_text()
     assert "Shared Params" in report and "Requires Task Data" in report and "Avg." in report
+    paired = report.split("## How much the differences mean")[1].split("##")[0]
+    for name in ("NP", "OPPU", "Per-Pcs", "PriME"):
+        assert f"| {name} | {', '.join(config.tasks)} | " in paired
     for name in ("fig3_cost.png", "fig4_tradeoff.png", "fig6_data_size.png"):
         assert f"]({name})" in report and (out / name).read_bytes().startswith(PNG)
 

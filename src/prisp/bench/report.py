@@ -13,6 +13,7 @@ from prisp.bench import figures
 from prisp.bench.config import BenchConfig
 from prisp.bench.methods import BENCH_METHODS, VARIANTS
 from prisp.bench.results import git_revision
+from prisp.bench.stats import RowPredictions, paired_bootstrap
 from prisp.data.tasks import get_task
 from prisp.metrics import METRIC_KEYS
 
@@ -188,6 +189,47 @@ def data_size_series(config: BenchConfig, sizes_rows: Sequence[dict]) -> dict[st
     return series
 
 
+_PAIRED_NOTE = (
+    "Paired bootstrap over target users ({replicates} replicates, seed 0): each replicate redraws every task's "
+    "users with replacement, the same draw for both methods, re-scores both methods' stored answers with the "
+    "official metrics and averages over the tasks both have. Both sides use Table 2's best variant per task, "
+    "picked on these same queries, which favours methods with more variants (prompt-only baselines have one). "
+    "P(>0) / P(<0): share of replicates where PRISP is ahead / behind."
+)
+
+
+def paired_lines(config: BenchConfig, main: Sequence[dict], replicates: int = 2000) -> list[str]:
+    """Markdown lines: PRISP minus every other method in task-averaged score, with a user-bootstrap interval."""
+    best = best_rows(main)
+    ours = {t: best[("prisp", t)] for t in config.tasks if ("prisp", t) in best}
+    if not ours:
+        return []
+    theirs = [m for m in _methods(config, main) if m != "prisp"]
+    rows = {m: {t: best[(m, t)] for t in config.tasks if (m, t) in best} for m in ["prisp", *theirs]}
+    answers = {m: {t: RowPredictions.from_row(r) for t, r in by_task.items()} for m, by_task in rows.items()}
+    lacking = sorted({f"{r['task']} {r['method']}" for m in answers for t, r in rows[m].items()
+                      if answers[m][t] is None})
+    lines = [
+        "## How much the differences mean (paired bootstrap over users)",
+        "",
+        "| PRISP − method | Tasks | Users | Δ Avg. | 95% interval | P(>0) | P(<0) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    usable = {m: {t: a for t, a in by_task.items() if a is not None} for m, by_task in answers.items()}
+    for name in theirs:
+        diff = paired_bootstrap(usable["prisp"], usable[name], replicates=replicates)
+        if diff is None:
+            continue
+        lines.append(
+            f"| {BENCH_METHODS[name].label} | {', '.join(diff.tasks)} | {diff.users} | {diff.difference:+.3f} | "
+            f"[{diff.low:+.3f}, {diff.high:+.3f}] | {diff.share_positive:.2f} | {diff.share_negative:.2f} |"
+        )
+    lines += ["", _PAIRED_NOTE.format(replicates=replicates)]
+    if lacking:
+        lines.append(f"Left out (rows written before per-query answers were recorded): {', '.join(lacking)}.")
+    return [*lines, ""]
+
+
 def command_line(config: BenchConfig) -> str:
     users = f" --users {config.users}" if config.users else ""
     return (
@@ -227,6 +269,7 @@ def write_report(config: BenchConfig, rows: Sequence[dict], missing: Sequence = 
         *variants_table(config, main),
         "",
     ]
+    lines += paired_lines(config, main)
     lines += _figure_sections(config, main, sizes, out)
     anchor_note = "- PRISP anchor: " + ("; ".join(anchors) if anchors else "not run") + "."
     lines += ["## Notes", "", _TIME_NOTE, _MEMORY_NOTE, anchor_note]

@@ -227,8 +227,19 @@ def make_row(
         "requires_task_data": method.requires_task_data or bool(anchor and anchor.requires_task_data),
         "anchor": anchor.source if anchor else None,
         "details": outcome.extra,
+        "predictions": query_records(run, split),
+        "labels": list(labels) if get_task(cell.task).kind == "classification" else None,
         **provenance(config),
     }
+
+
+def query_records(run: PredictionRun, split: LampSplit) -> list[dict]:
+    """Each query's user, gold and answer, so a report can re-score any subset of users (``bench.stats``)."""
+    owner = {q.id: user for user, queries in split.users.items() for q in queries}
+    golds = run.golds or [None] * len(run.ids)
+    return [
+        {"id": i, "user": owner[i], "gold": g, "output": o} for i, g, o in zip(run.ids, golds, run.outputs)
+    ]
 
 
 def _device(config: BenchConfig) -> str:
