@@ -80,14 +80,18 @@ def classification_metrics(golds: list[str], preds: list[str], labels: Sequence[
     # Imported here: scikit-learn costs about a second, which CLI commands not scoring should not pay.
     from sklearn.metrics import accuracy_score, f1_score
 
-    # Reversed so the first occurrence wins, like the official list.index(), if a label repeats.
-    index = {label: i for i, label in reversed(list(enumerate(labels)))}
-    gold_ids = [index.get(g.strip(), -1) for g in golds]
-    pred_ids = [index.get(p.strip(), -1) for p in preds]
+    gold_ids, pred_ids = label_ids(golds, labels), label_ids(preds, labels)
     accuracy = accuracy_score(gold_ids, pred_ids)
     # labels=range(n): -1 is never a class (so it only costs recall), absent labels still count as 0.
     f1 = f1_score(gold_ids, pred_ids, labels=list(range(len(labels))), average="macro", zero_division=0)
     return {"accuracy": float(accuracy), "f1": float(f1)}
+
+
+def label_ids(values: Sequence[str], labels: Sequence[str]) -> list[int]:
+    """Each stripped value's index in ``labels``, ``-1`` when it is no label (the official mapping)."""
+    # Reversed so the first occurrence wins, like the official list.index(), if a label repeats.
+    index = {label: i for i, label in reversed(list(enumerate(labels)))}
+    return [index.get(v.strip(), -1) for v in values]
 
 
 def _parse_rating(pred: str, gold: float) -> float:
@@ -100,31 +104,43 @@ def _parse_rating(pred: str, gold: float) -> float:
 
 def regression_metrics(golds: list[str], preds: list[str]) -> dict[str, float]:
     """MAE and RMSE of parsed ratings; unparseable predictions become the farthest extreme."""
+    errors = rating_errors(golds, preds)
+    mae = sum(abs(e) for e in errors) / len(errors)
+    rmse = math.sqrt(sum(e * e for e in errors) / len(errors))
+    return {"MAE": mae, "RMSE": rmse}
+
+
+def rating_errors(golds: Sequence[str], preds: Sequence[str]) -> list[float]:
+    """Per query, parsed prediction minus gold rating (unparseable predictions at the farthest extreme)."""
     gold_values: list[float] = []
     for i, gold in enumerate(golds):
         try:
             gold_values.append(float(gold.strip()))
         except ValueError:
             raise DataError(f"gold #{i} is not a number: {gold!r}") from None
-    pred_values = [_parse_rating(p, g) for p, g in zip(preds, gold_values)]
-    errors = [p - g for p, g in zip(pred_values, gold_values)]
-    mae = sum(abs(e) for e in errors) / len(errors)
-    rmse = math.sqrt(sum(e * e for e in errors) / len(errors))
-    return {"MAE": mae, "RMSE": rmse}
+    return [_parse_rating(p, g) - g for p, g in zip(preds, gold_values)]
 
 
 def generation_metrics(golds: list[str], preds: list[str]) -> dict[str, float]:
     """Mean ROUGE-1 and ROUGE-L F-measure (rouge-score tokenizer, no stemming)."""
+    per_query = rouge_per_query(golds, preds)
+    return {
+        "rouge-1": sum(r1 for r1, _ in per_query) / len(golds),
+        "rouge-L": sum(rl for _, rl in per_query) / len(golds),
+    }
+
+
+def rouge_per_query(golds: Sequence[str], preds: Sequence[str]) -> list[tuple[float, float]]:
+    """Per query, ROUGE-1 and ROUGE-L F-measure (rouge-score tokenizer, no stemming)."""
     # Imported here: rouge-score pulls in nltk (seconds), which only generation scoring needs.
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
-    rouge1 = rouge_l = 0.0
+    out = []
     for gold, pred in zip(golds, preds):
         scores = scorer.score(target=gold.strip(), prediction=pred.strip())
-        rouge1 += scores["rouge1"].fmeasure
-        rouge_l += scores["rougeL"].fmeasure
-    return {"rouge-1": rouge1 / len(golds), "rouge-L": rouge_l / len(golds)}
+        out.append((scores["rouge1"].fmeasure, scores["rougeL"].fmeasure))
+    return out
 
 
 def task_score(task: str, metrics: dict[str, float]) -> float:
