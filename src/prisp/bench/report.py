@@ -13,7 +13,7 @@ from prisp.bench import figures
 from prisp.bench.config import BenchConfig
 from prisp.bench.methods import BENCH_METHODS, VARIANTS
 from prisp.bench.results import git_revision
-from prisp.bench.stats import RowPredictions, paired_bootstrap
+from prisp.bench.stats import UserStats, paired_bootstrap
 from prisp.data.tasks import get_task
 from prisp.metrics import METRIC_KEYS
 
@@ -192,41 +192,56 @@ def data_size_series(config: BenchConfig, sizes_rows: Sequence[dict]) -> dict[st
 _PAIRED_NOTE = (
     "Paired bootstrap over target users ({replicates} replicates, seed 0): each replicate redraws every task's "
     "users with replacement, the same draw for both methods, re-scores both methods' stored answers with the "
-    "official metrics and averages over the tasks both have. Both sides use Table 2's best variant per task, "
-    "picked on these same queries, which favours methods with more variants (prompt-only baselines have one). "
-    "P(>0) / P(<0): share of replicates where PRISP is ahead / behind."
+    "official metrics and averages over the tasks both have. P(>0) / P(<0): share of replicates where PRISP is "
+    "ahead / behind. The first table pairs Table 2's best variant of each method, picked on these same queries, "
+    "which favours methods with more variants (prompt-only baselines have one); the second pairs the same prompt "
+    "variant on both sides, which has no such selection. With few users per task the interval is too narrow "
+    "rather than too wide: the bootstrap treats the users run as the whole population."
 )
+_PAIRED_HEADER = [
+    "| PRISP − method | Tasks | Users | Δ Avg. | 95% interval | P(>0) | P(<0) |",
+    "|---|---|---|---|---|---|---|",
+]
 
 
 def paired_lines(config: BenchConfig, main: Sequence[dict], replicates: int = 2000) -> list[str]:
-    """Markdown lines: PRISP minus every other method in task-averaged score, with a user-bootstrap interval."""
-    best = best_rows(main)
-    ours = {t: best[("prisp", t)] for t in config.tasks if ("prisp", t) in best}
-    if not ours:
+    """Markdown lines: PRISP minus every other method in task-averaged score, with a user-bootstrap interval,
+    under Table 2's best-variant convention and variant by variant."""
+    if not any(r["method"] == "prisp" for r in main):
         return []
-    theirs = [m for m in _methods(config, main) if m != "prisp"]
-    rows = {m: {t: best[(m, t)] for t in config.tasks if (m, t) in best} for m in ["prisp", *theirs]}
-    answers = {m: {t: RowPredictions.from_row(r) for t, r in by_task.items()} for m, by_task in rows.items()}
-    lacking = sorted({f"{r['task']} {r['method']}" for m in answers for t, r in rows[m].items()
-                      if answers[m][t] is None})
-    lines = [
-        "## How much the differences mean (paired bootstrap over users)",
-        "",
-        "| PRISP − method | Tasks | Users | Δ Avg. | 95% interval | P(>0) | P(<0) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    usable = {m: {t: a for t, a in by_task.items() if a is not None} for m, by_task in answers.items()}
-    for name in theirs:
-        diff = paired_bootstrap(usable["prisp"], usable[name], replicates=replicates)
+    stats = {id(r): UserStats.from_row(r) for r in main}
+    lacking = sorted({f"{r['task']} {r['method']} {r['variant']}" for r in main if stats[id(r)] is None})
+
+    def by_task(rows) -> dict:
+        return {r["task"]: stats[id(r)] for r in rows if stats[id(r)] is not None}
+
+    def line(label: str, ours: list[dict], theirs: list[dict]) -> list[str]:
+        diff = paired_bootstrap(by_task(ours), by_task(theirs), replicates=replicates)
         if diff is None:
-            continue
-        lines.append(
-            f"| {BENCH_METHODS[name].label} | {', '.join(diff.tasks)} | {diff.users} | {diff.difference:+.3f} | "
-            f"[{diff.low:+.3f}, {diff.high:+.3f}] | {diff.share_positive:.2f} | {diff.share_negative:.2f} |"
-        )
+            return []
+        interval = f"[{diff.low:+.3f}, {diff.high:+.3f}]"
+        shares = f"{diff.share_positive:.2f} | {diff.share_negative:.2f}"
+        return [f"| {label} | {', '.join(diff.tasks)} | {diff.users} | {diff.difference:+.3f} | {interval} | {shares} |"]
+
+    best = best_rows(main)
+    theirs = [m for m in _methods(config, main) if m != "prisp"]
+    best_of = {m: [best[(m, t)] for t in config.tasks if (m, t) in best] for m in ["prisp", *theirs]}
+    lines = ["## How much the differences mean (paired bootstrap over users)", "",
+             "Best variant per method and task (Table 2):", "", *_PAIRED_HEADER]
+    for name in theirs:
+        lines += line(BENCH_METHODS[name].label, best_of["prisp"], best_of[name])
+    lines += ["", "Same prompt variant on both sides:", "", *_PAIRED_HEADER]
+    index: dict[tuple[str, str], list[dict]] = {}
+    for row in main:
+        index.setdefault((row["method"], row["variant"]), []).append(row)
+    for name in theirs:
+        for variant in VARIANTS:
+            if (name, variant) in index:
+                label = f"{BENCH_METHODS[name].label} ({VARIANTS[variant]})"
+                lines += line(label, index.get(("prisp", variant), []), index[(name, variant)])
     lines += ["", _PAIRED_NOTE.format(replicates=replicates)]
     if lacking:
-        lines.append(f"Left out (rows written before per-query answers were recorded): {', '.join(lacking)}.")
+        lines.append(f"Left out (rows written before per-query answers were recorded): {'; '.join(lacking)}.")
     return [*lines, ""]
 
 
