@@ -236,9 +236,9 @@ def make_row(
 def query_records(run: PredictionRun, split: LampSplit) -> list[dict]:
     """Each query's user, gold and answer, so a report can re-score any subset of users (``bench.stats``)."""
     owner = {q.id: user for user, queries in split.users.items() for q in queries}
-    golds = run.golds or [None] * len(run.ids)
     return [
-        {"id": i, "user": owner[i], "gold": g, "output": o} for i, g, o in zip(run.ids, golds, run.outputs)
+        {"id": i, "user": owner[i], "gold": g, "output": o}
+        for i, g, o in zip(run.ids, run.golds, run.outputs)
     ]
 
 

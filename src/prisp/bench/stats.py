@@ -36,13 +36,13 @@ class UserStats:
         records = row.get("predictions")
         if not records:
             return None
-        users = tuple(dict.fromkeys(r["user"] for r in records))
+        position = {user: i for i, user in enumerate(dict.fromkeys(r["user"] for r in records))}
         golds = [r["gold"] or "" for r in records]
         outputs = [r["output"] for r in records]
         per_query, labels = _per_query(row["task"], golds, outputs, row.get("labels"))
-        table = np.zeros((len(users), per_query.shape[1]))
-        np.add.at(table, [users.index(r["user"]) for r in records], per_query)
-        return cls(row["task"], users, table, labels)
+        table = np.zeros((len(position), per_query.shape[1]))
+        np.add.at(table, [position[r["user"]] for r in records], per_query)
+        return cls(row["task"], tuple(position), table, labels)
 
     def scores(self, counts: np.ndarray) -> np.ndarray:
         """Task scores for each row of ``counts`` (how often each user is drawn, shape (draws, users))."""
