@@ -20,11 +20,11 @@ from prisp.errors import AdapterError, DataError
 from prisp.hypernet.checkpoint import HyperNetCheckpoint, load_checkpoint, save_checkpoint
 from prisp.hypernet.data import described_examples, description_table, load_sni
 from prisp.hypernet.encoders import DescriptionEncoder
-from prisp.hypernet.evaluation import answer_lm_loss
 from prisp.hypernet.injection import BatchedLora
 from prisp.hypernet.model import HyperNet, HyperNetConfig
 from prisp.hypernet.recipe import HyperTrainConfig, train_hypernet
 from prisp.hypernet.recon import recon_l1, stack_targets
+from prisp.training import causal_lm_loss
 
 TINY = {"task_dim": 8, "pos_dim": 4, "hidden_dim": 16, "num_blocks": 1, "head_in_dim": 8}
 
@@ -114,7 +114,7 @@ def test_in_graph_lora_matches_peft_and_answer_loss_matches_model_loss(tiny_llam
     labels = ids.clone()
     labels[:, :6] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    assert answer_lm_loss(tiny_llama, batch).item() == pytest.approx(tiny_llama(**batch).loss.item(), abs=1e-6)
+    assert causal_lm_loss(tiny_llama, batch).item() == pytest.approx(tiny_llama(**batch).loss.item(), abs=1e-6)
     lora = BatchedLora(tiny_llama, LoraSpec())
     with lora.use({k: (p.A[None], p.B[None]) for k, p in weights.pairs.items()}):
         ours = tiny_llama(input_ids=ids).logits

@@ -28,6 +28,7 @@ from prisp.data.lamp import Query, load_task_split
 from prisp.errors import AdapterError, DataError
 from prisp.personalize import STRATEGIES, PersonalizeConfig, personalization_hyperparams, personalize
 from prisp.personalize.personalizer import _prepare
+from prisp.training import TrainConfig, _decoder_and_head, tokenize_examples, train
 
 runner = CliRunner()
 
@@ -277,3 +278,41 @@ def test_personalize_cli_on_the_real_default_model(tmp_path):
     # 30 layers x (q: 576*8 + 64, v: 192*8 + 64) trainable under PRISP.
     assert report["trainable_params"] == 30 * ((576 * 8 + 64) + (192 * 8 + 64))
     assert load_adapter(out).spec.r == 8
+
+
+def _full_logits_loss(model, batch):
+    """The loop's loss before it skipped the LM head on prompt positions: transformers' own, over every position."""
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_fast_loop_matches_the_full_logits_unchunked_path(base, tiny_tokenizer, history, strategy):
+    """Answer-only LM head + length-grouped micro-batches give the old path's loss curve and adapter.
+
+    Dropout is off so both runs see the same function (with dropout the masks fall on other rows, by design).
+    """
+    weights = random_init(base, LoraSpec(dropout=0.0), seed=1)
+    gen = torch.Generator().manual_seed(2)
+    anchor0 = LoraWeights(weights.spec, {k: LoraPair(p.A, torch.randn(p.B.shape, generator=gen) * 0.05)
+                                         for k, p in weights.pairs.items()})
+    examples = user_examples("LaMP-4", history).examples
+    tokenized = tokenize_examples(tiny_tokenizer, examples, 512)
+    assert len({len(e.input_ids) for e in tokenized}) > 1  # ragged: grouping by length changes the chunks
+
+    def run(micro, loss_fn):
+        model, params = _prepare(base, anchor0, STRATEGIES[strategy], seed=0)
+        config = TrainConfig(batch_size=4, micro_batch_size=micro, lr=5e-2, progress=False)
+        result = train(model, params, tokenized, config, loss_fn=loss_fn, pad_id=tiny_tokenizer.pad_token_id)
+        return result.losses, [p.detach().clone() for p in params], model
+
+    old_losses, old_params, _ = run(None, _full_logits_loss)
+    new_losses, new_params, new_model = run(2, None)
+    assert _decoder_and_head(new_model) is not None  # the peft-wrapped model takes the answer-only path
+    torch.testing.assert_close(torch.tensor(new_losses), torch.tensor(old_losses), atol=1e-5, rtol=1e-5)
+    for old, new in zip(old_params, new_params, strict=True):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-4)
+    if not STRATEGIES[strategy].train_A and not STRATEGIES[strategy].fresh_lora:
+        for name, param in new_model.named_parameters():
+            if "lora_A" in name:
+                site = [k for k in anchor0.pairs if f"layers.{k[0]}." in name and k[1] in name]
+                assert len(site) == 1 and torch.equal(param, anchor0.pairs[site[0]].A)

@@ -181,9 +181,38 @@ def collate(
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer stack and LM head of a causal LM (peft-wrapped or not), or None where the split is
+    unknown or unsafe (logit soft-capping, no ``lm_head``)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA stays injected
+    head = getattr(inner, "lm_head", None)
+    get_decoder = getattr(inner, "get_decoder", None)
+    if head is None or get_decoder is None or getattr(getattr(inner, "config", None), "final_logit_softcapping",
+                                                         None):
+        return None
+    decoder = get_decoder()
+    if decoder is None or decoder is inner:
+        return None
+    return decoder, head
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Default loss: the model's own shifted cross-entropy, mean over answer tokens."""
-    return model(**batch).loss
+    """Default loss: the shifted causal-LM cross-entropy, mean over answer tokens.
+
+    Equal to ``model(**batch).loss`` (tests check it) but projects only the answer positions onto the
+    vocabulary: prompt positions need hidden states, not 49k-way logits. With answers a small fraction of
+    the tokens (a headline after an article), that skips most of the LM head, its backward and the
+    ``[b, T, V]`` logits tensor, about a fifth of a step. Models whose head cannot be split off use the full path.
+    """
+    parts = _decoder_and_head(model)
+    if parts is None:
+        return model(**batch).loss
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # [b, T-1]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])  # [k, V]
+    return nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def warmup_then_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -348,9 +377,12 @@ def _step(model, params, batch, optimizer, config: TrainConfig, loss_fn: LossFn,
     device = params[0].device
     total = sum(_target_count(e) for e in batch)
     micro = config.micro_batch_size or len(batch)
+    # Chunks of similar length waste little on padding; the token weights below keep the update exact
+    # whatever the grouping (only dropout masks land on other rows).
+    by_length = sorted(batch, key=lambda e: len(e.input_ids))
     value = 0.0
-    for start in range(0, len(batch), micro):
-        chunk = batch[start : start + micro]
+    for start in range(0, len(by_length), micro):
+        chunk = by_length[start : start + micro]
         # Each chunk's loss is a mean over its tokens; re-weighting makes the sum the batch mean.
         weight = sum(_target_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
         loss = loss_fn(model, collate(chunk, pad_id, device)) * weight

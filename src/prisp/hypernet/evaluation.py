@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from prisp.hypernet.injection import BatchedLora
 from prisp.hypernet.model import HyperNet
-from prisp.training import IGNORE_INDEX, TokenizedExample, collate, fit_example
+from prisp.training import IGNORE_INDEX, TokenizedExample, causal_lm_loss, collate, fit_example
 
 
 class HyperLoraModel(nn.Module):
@@ -68,28 +68,11 @@ def split_header(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     return rows, {key: value[:, 1:] for key, value in batch.items()}
 
 
-def answer_lm_loss(base: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The causal-LM loss (mean over answer tokens), projecting only answer positions onto the vocabulary.
-
-    Equal to ``base(**batch).loss`` (tests check it) but skips the LM head on prompt positions, about a fifth
-    of the compute for SNI-length prompts. Models with logit soft-capping or no ``lm_head`` use the full path.
-    """
-    decoder = getattr(base, "model", None)
-    head = getattr(base, "lm_head", None)
-    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
-        return base(**batch).loss
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]  # [b, n-1]
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep])  # [k, V]
-    return nn.functional.cross_entropy(logits.float(), targets[keep])
-
-
 def sft_loss(model: HyperLoraModel, batch: dict[str, Tensor]) -> Tensor:
     """``loss_fn`` for ``prisp.training.train``: causal-LM loss on answers with each row's generated LoRA."""
     headers, batch = split_header(batch)
     with model.lora.use(model.factors(headers)):
-        loss = answer_lm_loss(model.base, batch)
+        loss = causal_lm_loss(model.base, batch)
     model.report(loss, headers, batch)
     return loss
 
@@ -107,9 +90,9 @@ def answer_loss(model: HyperLoraModel, examples: Sequence[TokenizedExample], wit
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if with_adapter:
                 with model.lora.use(model.factors(rows)):
-                    loss = answer_lm_loss(model.base, batch)
+                    loss = causal_lm_loss(model.base, batch)
             else:
-                loss = answer_lm_loss(model.base, batch)
+                loss = causal_lm_loss(model.base, batch)
             total += float(loss) * n
             weight += n
     finally:

@@ -13,9 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from prisp.adapters import LoraPair, LoraSpec, LoraWeights, load_adapter, random_init, save_adapter
-from prisp.hypernet.evaluation import HyperLoraModel, answer_lm_loss
+from prisp.hypernet.evaluation import HyperLoraModel
 from prisp.hypernet.injection import BatchedLora
-from prisp.training import IGNORE_INDEX, Example, TokenizedExample, TrainConfig, tokenize_examples, train
+from prisp.training import (
+    IGNORE_INDEX,
+    Example,
+    TokenizedExample,
+    TrainConfig,
+    causal_lm_loss,
+    tokenize_examples,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,7 @@ class _StaticLora(nn.Module):
 
 def _static_loss(model: _StaticLora, batch: dict[str, Tensor]) -> Tensor:
     with model.lora.use(model.factors()):
-        return answer_lm_loss(model.base, batch)
+        return causal_lm_loss(model.base, batch)
 
 
 def train_target_lora(base: nn.Module, tokenizer, examples: list[Example], spec: LoraSpec, *, epochs: int,
