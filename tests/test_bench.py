@@ -1,4 +1,5 @@
-"""``prisp bench``: the quick profile end to end, resuming, the report's numbers and the PRISP anchor hook."""
+"""``prisp bench``: the quick profile end to end, resuming, the report's numbers, the PRISP anchor hook and
+``--workers`` (personal methods on a process pool give the sequential run's rows)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import typer
 from typer.testing import CliRunner
 
 from prisp.adapters import LoraSpec, random_init
+from prisp.batch import available_cores
 from prisp.bench import Anchor, BenchConfig, grid, profile_config, run_bench
 from prisp.bench.cli import bench_command
 from prisp.bench.report import cost_summary
 from prisp.bench.results import ResultStore, row_key
+from prisp.cli import app as prisp_app
 from prisp.errors import PrispError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -61,6 +64,17 @@ def quick_run(tiny_model_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # module scope runs before the per-test PRISP_HOME fixture
         mp.setenv("PRISP_HOME", str(tmp_path_factory.getbasetemp() / "prisp-home"))
         result = _bench(out, tiny_model_dir)
+    return out, result.output
+
+
+@pytest.fixture(scope="module")
+def pooled_run(tiny_model_dir, tmp_path_factory):
+    """The personal methods of LaMP-2N (main grid and data-size sweep) again, on two workers."""
+    out = tmp_path_factory.mktemp("bench") / "pooled"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRISP_HOME", str(tmp_path_factory.getbasetemp() / "prisp-home"))
+        result = _bench(out, tiny_model_dir, "--tasks", "LaMP-2N", "--methods", "oppu,prisp",
+                        "--workers", "2")
     return out, result.output
 
 
@@ -206,3 +220,38 @@ def test_report_only_computes_nothing_and_lists_missing_cells(quick_run, tiny_mo
     assert "## Not run (2 cells)" in report
     for row in dropped:
         assert f"| {row['task']} | {row['method']} | {row['variant']} | {row['items']} |" in report
+
+
+# What must not depend on where users ran (costs such as seconds and memory may).
+SAME_ON_ANY_POOL = ("metrics", "score", "predictions", "queries", "n_users", "labels", "trainable_params",
+                    "cached_users", "anchor", "requires_task_data")
+
+
+def test_two_workers_write_the_rows_of_the_sequential_run(quick_run, pooled_run):
+    (sequential_out, _), (pooled_out, output) = quick_run, pooled_run
+    pooled = {row_key(r): r for r in _rows(pooled_out)}
+    sequential = {row_key(r): r for r in _rows(sequential_out) if row_key(r) in pooled}
+    assert f"{len(pooled)} rows written" in output
+    assert {(r["method"], r["items"]) for r in pooled.values()} == {
+        (m, i) for m in ("oppu", "prisp") for i in (1, 5, 10)
+    }
+    assert sequential.keys() == pooled.keys()
+    for key, row in pooled.items():
+        assert {f: row[f] for f in SAME_ON_ANY_POOL} == {f: sequential[key][f] for f in SAME_ON_ANY_POOL}, key
+        assert row["config"]["workers"] == 2 and sequential[key]["config"]["workers"] == 1
+        host = row["host"]
+        assert host["workers"] == 2 and host["threads_per_worker"] == max(1, available_cores() // 2)
+        assert sequential[key]["host"]["workers"] == 1
+        assert set(row["details"]["workers"]) == {q["user"] for q in row["predictions"]}
+    # Every cell of the task ran on the same two processes: the model was loaded once per worker.
+    assert 1 <= len({w for r in pooled.values() for w in r["details"]["workers"].values()}) <= 2
+    assert all(r["cached_users"] == r["n_users"] for r in pooled.values() if r["variant"] != "np")
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_workers_below_one_are_refused_with_one_line(workers, tmp_path):
+    result = CliRunner().invoke(prisp_app, ["bench", "--profile", "quick", "--workers", workers,
+                                            "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"prisp: error: --workers must be a positive integer, got {workers}"
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from prisp.data.examples import item_example, query_examples, user_examples
 from prisp.data.lamp import Query, load_task_split
 from prisp.errors import AdapterError, DataError
 from prisp.personalize import STRATEGIES, PersonalizeConfig, personalization_hyperparams, personalize
+from prisp.personalize.per_user import cache_adapter
 from prisp.personalize.personalizer import _prepare
 from prisp.training import TrainConfig, _decoder_and_head, tokenize_examples, train
 
@@ -264,6 +265,21 @@ def test_predict_personalized_caches_users(tiny_model_dir, anchor_dir, tmp_path)
     assert json.loads((tmp_path / "p.json").read_text())["golds"][0]["id"] == "LaMP-4-dev-0"
     assert "needs --anchor" in _error_line(invoke("predict", "--task", "LaMP-4", "--method", "prisp",
                                                   "--out", tmp_path / "x.json"))
+
+
+def test_a_cached_adapter_is_never_replaced_by_a_second_writer(base, tmp_path):
+    # Pool workers may race on one key; its inputs are the same, so the first finished copy stays put
+    # (a reader never finds the directory moved aside mid-swap) and the second writer is not an error.
+    first, second = random_init(base, LoraSpec(), seed=1), random_init(base, LoraSpec(), seed=2)
+    key = tmp_path / "cache" / "key"
+    cache_adapter(first, key, "tiny", {"seconds": 1.0})
+    before = (key / "adapter_model.safetensors").stat().st_ino
+    cache_adapter(second, key, "tiny", {"seconds": 2.0})
+    assert (key / "adapter_model.safetensors").stat().st_ino == before
+    assert json.loads((key / "personalization.json").read_text()) == {"seconds": 1.0}
+    stored = load_adapter(key).to_peft_state_dict()
+    assert all(torch.equal(t, stored[k]) for k, t in first.to_peft_state_dict().items())
+    assert sorted(p.name for p in key.parent.iterdir()) == ["key"]  # no temporary directory left behind
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Execution backends: a local process pool and Ray actors, behind one small interface.
 
-The runner keeps at most ``capacity`` users in flight, submits one :class:`Assignment` at a time
-and takes outcomes back as they finish. A backend turns its own failures (a dead process, a lost
-actor) into ordinary failed outcomes, which the runner retries; it never decides policy.
+The runner keeps at most ``capacity`` users in flight, submits one job (a :class:`Job`, e.g. an
+:class:`Assignment`) at a time and takes outcomes back as they finish. A backend turns its own
+failures (a dead process, a lost actor) into ordinary failed outcomes, which the runner retries; it
+never decides policy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from prisp.batch.worker import (
-    Assignment,
+    Job,
     UserOutcome,
     WorkerContext,
     WorkerSpec,
@@ -34,10 +35,10 @@ class Backend(Protocol):
 
     capacity: int
 
-    def submit(self, job: Assignment) -> None:
+    def submit(self, job: Job) -> None:
         """Start ``job`` on a free worker (the runner never exceeds ``capacity``)."""
 
-    def next_outcome(self) -> tuple[Assignment, UserOutcome]:
+    def next_outcome(self) -> tuple[Job, UserOutcome]:
         """Block until some job finishes; return it with its outcome."""
 
     def close(self) -> None:
@@ -66,7 +67,7 @@ class LocalBackend:
         self.spec = spec
         self.capacity = workers
         self._executor: ProcessPoolExecutor | None = None
-        self._futures: dict[Future, Assignment] = {}
+        self._futures: dict[Future, Job] = {}
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -74,10 +75,10 @@ class LocalBackend:
                                                  initializer=init_local_worker, initargs=(self.spec,))
         return self._executor
 
-    def submit(self, job: Assignment) -> None:
+    def submit(self, job: Job) -> None:
         self._futures[self._pool().submit(run_local_job, job)] = job
 
-    def next_outcome(self) -> tuple[Assignment, UserOutcome]:
+    def next_outcome(self) -> tuple[Job, UserOutcome]:
         done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
         future = done.pop()
         job = self._futures.pop(future)
@@ -116,7 +117,7 @@ class _RayWorker:
         except Exception as exc:  # noqa: BLE001 - reported with the first job, like the local pool
             self.context, self.error = None, start_error(exc)
 
-    def run(self, job: Assignment) -> UserOutcome:
+    def run(self, job: Job) -> UserOutcome:
         if self.context is None:
             return UserOutcome(job.user_id, error=f"worker could not start: {self.error}", fatal=True)
         return self.context.run(job)
@@ -174,11 +175,11 @@ class RayBackend:
     def _new_actor(self):
         return self._actor_class.options(num_cpus=self._threads).remote(self._spec_ref)
 
-    def submit(self, job: Assignment) -> None:
+    def submit(self, job: Job) -> None:
         actor = self._idle.pop()
         self._refs[actor.run.remote(job)] = (actor, job)
 
-    def next_outcome(self) -> tuple[Assignment, UserOutcome]:
+    def next_outcome(self) -> tuple[Job, UserOutcome]:
         ray = self._ray
         ready, _ = ray.wait(list(self._refs), num_returns=1)
         actor, job = self._refs.pop(ready[0])

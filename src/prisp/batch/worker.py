@@ -1,9 +1,11 @@
 """What runs inside a batch worker: the base model and anchor loaded once, then one user per call.
 
 Both backends use this module: the local pool calls :func:`init_local_worker` as its initializer
-and :func:`run_local_job` per user; a Ray actor holds a :class:`WorkerContext`. Workers return the
-adapter to the driver instead of writing it, so a cluster needs no shared disk and the store has a
-single writer.
+and :func:`run_local_job` per user; a Ray actor holds a :class:`WorkerContext`. A job is any
+picklable object with a ``user_id`` and an ``execute`` method (:class:`Job`): the batch's
+:class:`Assignment` personalizes one user and returns the adapter to the driver instead of writing
+it, so a cluster needs no shared disk and the store has a single writer; ``prisp bench --workers``
+sends its own job (``prisp.bench.pool``) to the same workers.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,18 +35,35 @@ class WorkerSpec:
     Attributes:
         model_name: the base model as the user named it.
         model_source: where to load it from on this machine (resolved by the driver), or None.
-        anchor: the anchor LoRA, shipped as data so remote workers need not see the driver's disk.
+        anchor: the anchor LoRA, shipped as data so remote workers need not see the driver's disk
+            (None when jobs name one of ``anchors`` instead).
         task: LaMP task.
         labels: the task's label set.
         threads: torch intra-op threads for this worker.
+        anchors: further anchors by name, for jobs that start from different anchors on the same
+            workers (the bench's PRISP and task-adapted anchors), so workers outlive a change of anchor.
+        device: where the model runs (None: CPU).
     """
 
     model_name: str
     model_source: str | None
-    anchor: LoraWeights
+    anchor: LoraWeights | None
     task: str
     labels: tuple[str, ...]
     threads: int
+    anchors: Mapping[str, LoraWeights] = field(default_factory=dict)
+    device: str | None = None
+
+    def anchor_named(self, name: str | None = None) -> LoraWeights:
+        """``anchors[name]``, or ``anchor`` when ``name`` is None.
+
+        Raises:
+            PrispError: no such anchor in this spec.
+        """
+        found = self.anchor if name is None else self.anchors.get(name)
+        if found is None:
+            raise PrispError(f"the worker spec has no anchor {name or '(default)'!r}")
+        return found
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,22 @@ class Assignment:
     config: PersonalizeConfig
     attempt: int = 1
 
+    def execute(self, context: WorkerContext, outcome: UserOutcome) -> None:
+        """Personalize this user from the spec's anchor; the folded adapter and report go into ``outcome``."""
+        result = personalize(context.model, context.tokenizer, context.spec.anchor_named(), context.spec.task,
+                             self.items, self.config, context.spec.labels)
+        outcome.weights = result.weights
+        outcome.report = result.report()
+
+
+class Job(Protocol):
+    """A unit of per-user work a worker runs on its loaded model (pickled to the worker)."""
+
+    user_id: str
+
+    def execute(self, context: WorkerContext, outcome: UserOutcome) -> None:
+        """Do the work on ``context``, filling ``outcome``; may raise (the context reports the error)."""
+
 
 @dataclass
 class UserOutcome:
@@ -61,6 +98,7 @@ class UserOutcome:
 
     Attributes:
         weights: the folded adapter (None on failure).
+        result: what a job other than :class:`Assignment` returns (e.g. a bench user's predictions).
         report: ``PersonalizeResult.report()`` plus worker facts (pid, threads, job wall time).
         error: one line, or None on success.
         permanent: the error is in the user's data or options, so retrying cannot help.
@@ -69,6 +107,7 @@ class UserOutcome:
 
     user_id: str
     weights: LoraWeights | None = None
+    result: object | None = None
     report: dict = field(default_factory=dict)
     error: str | None = None
     permanent: bool = False
@@ -99,23 +138,22 @@ class WorkerContext:
 
         set_threads(spec.threads)
         source = spec.model_source if spec.model_source and Path(spec.model_source).is_dir() else spec.model_name
-        loaded = load_model(source)
-        spec.anchor.check_fits(loaded.model)
+        loaded = load_model(source, device=spec.device)
+        for anchor in (spec.anchor, *spec.anchors.values()):
+            if anchor is not None:
+                anchor.check_fits(loaded.model)
         self.spec = spec
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
-    def run(self, job: Assignment) -> UserOutcome:
-        """Personalize one user; never raises (errors come back in the outcome)."""
+    def run(self, job: Job) -> UserOutcome:
+        """Run one user's job; never raises (errors come back in the outcome)."""
         start = time.perf_counter()
         outcome = UserOutcome(job.user_id, worker=self.name)
         try:
-            result = personalize(self.model, self.tokenizer, self.spec.anchor, self.spec.task, job.items,
-                                 job.config, self.spec.labels)
-            outcome.weights = result.weights
-            outcome.report = result.report()
-            del result  # the trained model copy: free it before the next user
+            # The job's trained model copy is local to execute, so it is freed before the next user.
+            job.execute(self, outcome)
         except PrispError as exc:
             outcome.error, outcome.permanent = str(exc), True
         except Exception as exc:  # noqa: BLE001 - a worker must report, not die, so the others continue
@@ -177,8 +215,8 @@ def init_local_worker(spec: WorkerSpec) -> None:
         _START_ERROR = start_error(exc)
 
 
-def run_local_job(job: Assignment) -> UserOutcome:
-    """Pool task: one user on this process's loaded context."""
+def run_local_job(job: Job) -> UserOutcome:
+    """Pool task: one user's job on this process's loaded context."""
     if _CONTEXT is None:
         return UserOutcome(job.user_id, error=f"worker could not start: {_START_ERROR}", fatal=True)
     return _CONTEXT.run(job)

@@ -38,7 +38,13 @@ def bench_command(
     hypernet: Optional[Path] = typer.Option(None, help="Hypernetwork checkpoint for the PRISP anchor."),
     seed: Optional[int] = typer.Option(None, help="Seed."),
     threads: Optional[int] = typer.Option(
-        None, help="torch CPU threads (default: $PRISP_THREADS or torch's)."
+        None, help="torch CPU threads of this process (default: $PRISP_THREADS or torch's)."
+    ),
+    workers: Optional[int] = typer.Option(
+        None,
+        help="Processes for the users of PRISP, OPPU and ablation cells, each loading the model once "
+        "with cores // N torch threads (default 1: in this process). Per-Pcs, PriME and prompt-only "
+        "methods stay in this process.",
     ),
     progress: bool = typer.Option(True, help="Show progress bars."),
     report_only: bool = typer.Option(
@@ -71,6 +77,7 @@ def bench_command(
         prisp_anchor=prisp_anchor,
         hypernet=hypernet,
         seed=seed,
+        workers=workers,
         progress=progress,
     )
     if report_only:

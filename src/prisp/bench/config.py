@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from prisp.batch.config import WorkerPlan, available_cores
 from prisp.bench.methods import DEFAULT_METHODS, VARIANTS, get_method
 from prisp.data.tasks import normalize_task_name
 from prisp.errors import PrispError
@@ -67,6 +68,9 @@ class BenchConfig:
         data_sizes, data_size_tasks, data_size_users: Figure 6 sweep over user items (Base variant).
         prisp_anchor: ``hypernet`` (shipped or ``hypernet`` checkpoint; task-adapted when none exists) or
             ``task-adapted``; a callable given to ``run_bench`` overrides both.
+        workers: processes the users of a personal-method cell (PRISP, OPPU, ablations) run on, each
+            loading the model once with ``cores // workers`` torch threads; 1 runs them in this process.
+            Sharer and prompt-only methods always run in this process.
     """
 
     tasks: tuple[str, ...]
@@ -99,6 +103,7 @@ class BenchConfig:
     data_size_users: int | None = None
     prisp_anchor: str = "hypernet"
     hypernet: Path | None = None
+    workers: int = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -122,6 +127,8 @@ class BenchConfig:
                 raise PrispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if any(size < 1 for size in self.data_sizes):
             raise PrispError(f"--data-sizes must be positive item counts, got {list(self.data_sizes)}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise PrispError(f"--workers must be a positive integer, got {self.workers!r}")
         if self.prisp_anchor not in ("hypernet", "task-adapted"):
             raise PrispError(f"--prisp-anchor must be hypernet or task-adapted, got {self.prisp_anchor!r}")
 
@@ -137,6 +144,14 @@ class BenchConfig:
     @property
     def samples(self) -> int | None:
         return self.task_samples or self.protocol_spec.task_samples
+
+    def worker_plan(self, cores: int | None = None) -> WorkerPlan:
+        """Workers and torch threads per worker for ``cores`` CPUs (default: this machine's).
+
+        Threads are ``cores // workers`` so the workers' threads add up to the cores: CPU training
+        collapses (OpenMP spinning) when they add up to more.
+        """
+        return WorkerPlan(self.workers, max(1, (cores or available_cores()) // self.workers))
 
     def to_json(self) -> dict:
         """JSON-ready dict (paths as strings)."""

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from prisp.adapters import attach_lora
 from prisp.bench.anchors import ANCHOR_PROVIDERS, Anchor, AnchorProvider, AnchorRequest, task_adapted_anchor
 from prisp.bench.config import BenchConfig
+from prisp.bench.pool import UserPool
 from prisp.data.lamp import LampSplit, load_task_split
 from prisp.data.tasks import label_set
 from prisp.profiles import ProfileStore, UserProfile, query_profiles, split_profiles
@@ -44,6 +45,9 @@ class TaskContext:
         self._targets: dict[int | None, LampSplit] = {}
         self._profiles: dict[str, UserProfile] = {}
         self._anchors: dict[bool, Anchor] = {}
+        # The worker pool personal cells run their users on (``--workers`` > 1), started and stopped by
+        # the runner around the task's cells; None: in this process.
+        self.user_pool: UserPool | None = None
 
     def progress_bar(self, total: int, desc: str):
         """A per-user progress bar (stderr; off with ``progress=False``)."""

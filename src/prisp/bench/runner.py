@@ -3,7 +3,8 @@
 Every method answers the same target users' queries through ``prisp.predict`` and is scored by
 ``prisp.metrics``; personalization cost comes from the one training loop's accounting (sharer methods add the
 sharer training they use). Each finished cell is appended to ``results.jsonl`` at once, so an interrupted run
-resumes where it stopped.
+resumes where it stopped. With ``workers`` > 1 the users of a personal-method cell run on a process pool
+(``prisp.bench.pool``); the rows are the same as the sequential run's.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prisp.batch.config import WorkerPlan
 from prisp.bench.anchors import Anchor, AnchorProvider
 from prisp.bench.config import BenchConfig
 from prisp.bench.context import TaskContext
 from prisp.bench.methods import BenchMethod, get_method, method_variants
+from prisp.bench.pool import UserPool
 from prisp.bench.results import Cell, ResultStore, git_revision, row_key
 from prisp.data.lamp import LampSplit
 from prisp.data.tasks import get_task
@@ -38,12 +41,16 @@ ALL_ITEMS = 10**9  # "the whole history" for options that need a count
 
 @dataclass
 class MethodOutcome:
-    """A method's predictions for one cell, what personalization cost per user, and its provenance."""
+    """A method's predictions for one cell, what personalization cost per user, and its provenance.
+
+    ``plan`` is the worker pool the users ran on (None: in this process).
+    """
 
     run: PredictionRun
     costs: list = field(default_factory=list)  # UserCost or TargetCost, one per user
     anchor: Anchor | None = None
     extra: dict = field(default_factory=dict)
+    plan: WorkerPlan | None = None
 
 
 @dataclass
@@ -100,10 +107,15 @@ def run_prompt(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSpl
     return MethodOutcome(run, [], ctx.task_anchor(with_sharer_data=True))
 
 
+def personal_anchor(ctx: TaskContext, method: BenchMethod) -> Anchor:
+    """The anchor a Stage-2 method's users start from."""
+    return ctx.prisp_anchor if method.anchor == "prisp" else ctx.task_anchor(with_sharer_data=True)
+
+
 def run_personal(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSplit, pconf) -> MethodOutcome:
     """A Stage-2 strategy (PRISP, OPPU, ablations): one adapter per user, cached across variants and runs."""
     config = ctx.config
-    anchor = ctx.prisp_anchor if method.anchor == "prisp" else ctx.task_anchor(with_sharer_data=True)
+    anchor = personal_anchor(ctx, method)
     pers = PersonalizeConfig(
         strategy=method.strategy,
         k=cell.items or ALL_ITEMS,
@@ -112,19 +124,26 @@ def run_personal(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampS
         seed=config.seed,
         progress=False,
     )
+    pool, extra = ctx.user_pool, {"personalize": asdict(pers)}
     with ctx.progress_bar(len(split.users), f"{ctx.task} {method.name} {cell.variant}") as bar:
-        result = predict_personalized(
-            ctx.loaded.model,
-            ctx.loaded.tokenizer,
-            config.model,
-            split,
-            anchor.weights,
-            pers,
-            pconf,
-            ctx.cache / "adapters",
-            on_user=lambda _: bar.update(),
-        )
-    return MethodOutcome(result.run, result.users, anchor, {"personalize": asdict(pers)})
+        if pool is not None:
+            pooled = pool.predict(
+                split, method.anchor, pers, pconf, ctx.cache / "adapters", on_user=lambda _: bar.update()
+            )
+            result, extra["workers"] = pooled.result, pooled.workers
+        else:
+            result = predict_personalized(
+                ctx.loaded.model,
+                ctx.loaded.tokenizer,
+                config.model,
+                split,
+                anchor.weights,
+                pers,
+                pconf,
+                ctx.cache / "adapters",
+                on_user=lambda _: bar.update(),
+            )
+    return MethodOutcome(result.run, result.users, anchor, extra, pool.plan if pool is not None else None)
 
 
 # How each sharer method is built over the pool from the run's config.
@@ -184,12 +203,19 @@ def cost_fields(costs: Sequence) -> dict:
     }
 
 
-def provenance(config: BenchConfig) -> dict:
-    """What produced a row: the full config, the code revision, when and where."""
+def provenance(config: BenchConfig, plan: WorkerPlan | None = None) -> dict:
+    """What produced a row: the full config, the code revision, when and where.
+
+    ``threads`` is this process's torch threads; ``workers`` and ``threads_per_worker`` say where the
+    row's users ran (a pool ``plan``, or 1 x this process's threads).
+    """
+    threads = torch.get_num_threads()
     host = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "workers": plan.workers if plan else 1,
+        "threads_per_worker": plan.threads if plan else threads,
         "machine": platform.machine(),
         "device": _device(config),
     }
@@ -229,7 +255,7 @@ def make_row(
         "details": outcome.extra,
         "predictions": query_records(run, split),
         "labels": list(labels) if get_task(cell.task).kind == "classification" else None,
-        **provenance(config),
+        **provenance(config, outcome.plan),
     }
 
 
@@ -250,17 +276,39 @@ def run_cells(ctx: TaskContext, cells: Sequence[Cell], store: ResultStore, bar) 
     """Run the pending cells of one task, appending a row as each finishes; returns rows written."""
     written = 0
     last_prompt = max((i for i, c in enumerate(cells) if get_method(c.method).kind == "prompt"), default=-1)
-    for index, cell in enumerate(cells):
-        method = get_method(cell.method)
-        split = ctx.targets(cell.users)
-        pconf, profile_seconds = predict_config(ctx.config, ctx, split, cell.variant, cell.items)
-        outcome = EXECUTORS[method.kind](ctx, method, cell, split, pconf)
-        store.append(make_row(ctx.config, cell, method, outcome, split, ctx.labels, profile_seconds))
-        written += 1
-        bar.update()
-        if index == last_prompt:  # free the task-adapted copy before the trained methods' memory is measured
-            ctx.release_prompt_model()
+    try:
+        for index, cell in enumerate(cells):
+            method = get_method(cell.method)
+            if method.kind == "personal" and ctx.config.workers > 1 and ctx.user_pool is None:
+                ctx.user_pool = start_user_pool(ctx, cells)  # once per task: workers load the model once
+            split = ctx.targets(cell.users)
+            pconf, profile_seconds = predict_config(ctx.config, ctx, split, cell.variant, cell.items)
+            outcome = EXECUTORS[method.kind](ctx, method, cell, split, pconf)
+            store.append(make_row(ctx.config, cell, method, outcome, split, ctx.labels, profile_seconds))
+            written += 1
+            bar.update()
+            if index == last_prompt:  # free the task-adapted copy before trained methods' memory is measured
+                ctx.release_prompt_model()
+    finally:
+        if ctx.user_pool is not None:
+            ctx.user_pool.close()
+            ctx.user_pool = None
     return written
+
+
+def start_user_pool(ctx: TaskContext, cells: Sequence[Cell]) -> UserPool:
+    """The pool for the personal cells among ``cells``, its spec carrying every anchor they start from."""
+    from prisp.models import resolve_model
+
+    methods = [get_method(c.method) for c in cells]
+    anchors = {m.anchor: personal_anchor(ctx, m).weights for m in methods if m.kind == "personal"}
+    # Resolved here so a registered model converts once, before workers could race to convert it.
+    source, _ = resolve_model(ctx.config.model)
+    device = _device(ctx.config)
+    plan = ctx.config.worker_plan()
+    return UserPool(
+        ctx.config.model, source, None if device == "cpu" else device, ctx.task, ctx.labels, anchors, plan
+    )
 
 
 def missing_cells(config: BenchConfig, store: ResultStore) -> dict[str, list[Cell]]:

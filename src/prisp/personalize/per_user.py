@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter
-from prisp.data.lamp import LampSplit
+from prisp.data.lamp import LampSplit, Query
 from prisp.data.protocol import recent_items
 from prisp.data.tasks import label_set
+from prisp.errors import AdapterError
 from prisp.generation import GenerationResult
 from prisp.personalize.personalizer import PersonalizeConfig, personalize
 from prisp.predict import PredictConfig, PredictionRun, predict_split
+
+REPORT_NAME = "personalization.json"  # beside a cached adapter: what training it cost
 
 
 @dataclass
@@ -53,40 +56,118 @@ def adapter_key(model_name: str, anchor: LoraWeights, config: PersonalizeConfig,
     return digest.hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class UserRequest:
+    """One target user's work: personalize from their profile, then answer their queries.
+
+    Self-contained and picklable, so a pool worker (``prisp bench --workers``) runs exactly what the
+    sequential loop runs.
+
+    Attributes:
+        user: the user's id (their first query id).
+        task, split: where the queries come from.
+        queries: the user's queries to answer; the first one's profile is the history trained on.
+        config: personalization options.
+        predict: prediction options (``limit`` already applied by choosing ``queries``).
+        labels: the label set training prompts list (from the whole split, as the sequential run).
+        cache_dir: the adapter cache (None: no caching).
+    """
+
+    user: str
+    task: str
+    split: str
+    queries: tuple[Query, ...]
+    config: PersonalizeConfig
+    predict: PredictConfig
+    labels: tuple[str, ...]
+    cache_dir: Path | None
+
+
+@dataclass
+class UserPrediction:
+    """One user's predictions and what their personalization cost."""
+
+    run: PredictionRun
+    cost: UserCost
+
+
+def user_requests(split: LampSplit, config: PersonalizeConfig, predict_config: PredictConfig,
+                  cache_dir: Path | None) -> list[UserRequest]:
+    """The users of ``split`` asking one of its first ``predict_config.limit`` queries, in split order.
+
+    Each request keeps only its own queries' PAG profile texts: all a prediction reads, and all a pool
+    worker needs to be sent.
+    """
+    labels = label_set(split.task, split.inputs)
+    requests = []
+    for user, queries in split.users_asking(predict_config.limit).items():
+        profiles = {q.id: predict_config.profiles[q.id] for q in queries if q.id in predict_config.profiles}
+        options = replace(predict_config, limit=None, profiles=profiles)
+        requests.append(UserRequest(user, split.task, split.split, tuple(queries), config, options, labels,
+                                    cache_dir))
+    return requests
+
+
+def predict_user(base, tokenizer, model_name: str, anchor: LoraWeights,
+                 request: UserRequest) -> UserPrediction:
+    """Personalize one user (or read their cached adapter) and answer their queries."""
+    queries = list(request.queries)
+    model, cost = _user_model(base, tokenizer, model_name, request.task, request.user, queries[0].profile,
+                              anchor, request.config, request.labels, request.cache_dir)
+    user_split = LampSplit(request.task, request.split, queries, users={request.user: queries})
+    return UserPrediction(predict_split(model, tokenizer, user_split, request.predict), cost)
+
+
 def predict_personalized(base, tokenizer, model_name: str, split: LampSplit, anchor: LoraWeights,
                          config: PersonalizeConfig, predict_config: PredictConfig, cache_dir: Path | None,
                          on_user: Callable[[str], None] | None = None) -> PersonalizedRun:
     """Answer ``split`` user by user, each with their own personalized adapter."""
-    labels = label_set(split.task, split.inputs)
+    done = []
+    for request in user_requests(split, config, predict_config, cache_dir):
+        done.append(predict_user(base, tokenizer, model_name, anchor, request))
+        if on_user:
+            on_user(request.user)
+    return merge_users(split, predict_config, done)
+
+
+def merge_users(split: LampSplit, predict_config: PredictConfig,
+                done: list[UserPrediction]) -> PersonalizedRun:
+    """The per-user results (in :func:`user_requests` order) as one run in the split's query order."""
     asking = split.users_asking(predict_config.limit)
     wanted = {q.id for queries in asking.values() for q in queries}
-    outputs: dict[str, PredictionRun] = {}
-    costs: list[UserCost] = []
-    for user, queries in asking.items():
-        model, cost = _user_model(base, tokenizer, model_name, split.task, user, queries[0].profile, anchor,
-                                  config, labels, cache_dir)
-        costs.append(cost)
-        user_split = LampSplit(split.task, split.split, queries, users={user: queries})
-        outputs[user] = predict_split(model, tokenizer, user_split, replace(predict_config, limit=None))
-        if on_user:
-            on_user(user)
-    return PersonalizedRun(_merge(split, outputs, wanted), costs)
+    return PersonalizedRun(_merge(split, {d.cost.user: d.run for d in done}, wanted), [d.cost for d in done])
 
 
 def _user_model(base, tokenizer, model_name, task, user, profile, anchor, config, labels, cache_dir):
     items = recent_items(profile, config.k) if profile else []
     key = adapter_key(model_name, anchor, config, task, items)
     cached = cache_dir / key if cache_dir else None
-    if cached and (cached / "personalization.json").is_file():
-        report = json.loads((cached / "personalization.json").read_text())
+    if cached and (cached / REPORT_NAME).is_file():
+        report = json.loads((cached / REPORT_NAME).read_text())
         model = attach_lora(copy.deepcopy(base), load_adapter(cached)).eval()
         return model, UserCost(user, True, report["seconds"], report["peak_memory_mb"], report["trainable_params"])
     result = personalize(base, tokenizer, anchor, task, profile, config, labels)
     report = {**result.report(), "user": user}
     if cached:
-        save_adapter(result.weights, cached, model_name, {"personalization.json": json.dumps(report, indent=1)})
+        cache_adapter(result.weights, cached, model_name, report)
     return result.model, UserCost(user, False, result.train.seconds, report["peak_memory_mb"],
                                   result.train.trainable_params)
+
+
+def cache_adapter(weights: LoraWeights, cached: Path, model_name: str, report: dict) -> None:
+    """Write a user's adapter under its key, atomically (``save_adapter`` swaps a finished directory in).
+
+    Two processes may train the same key at once (pool workers racing on a shared cache). The key
+    names every input, so both adapters are the same: whichever lands first is kept, and the
+    other's rename failing onto the finished directory is not an error.
+    """
+    if (cached / REPORT_NAME).is_file():
+        return
+    try:
+        save_adapter(weights, cached, model_name, {REPORT_NAME: json.dumps(report, indent=1)})
+    except (OSError, AdapterError):
+        if not (cached / REPORT_NAME).is_file():
+            raise
 
 
 def _merge(split: LampSplit, runs: dict[str, PredictionRun], wanted: set[str]) -> PredictionRun:
