@@ -10,10 +10,12 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from prisp.adapters import LoraSpec, random_init, save_adapter, shapes_for_model
 from prisp.cli import SAMPLE_DIR, app
+from prisp.errors import PrispError
 from prisp.models import load_model
 
 runner = CliRunner()
@@ -177,3 +179,21 @@ def test_predict_cli_with_the_real_default_model(tmp_path):
     result = invoke("predict", "--task", "LaMP-1", "--method", "rag", "--limit", "2", "--out", out)
     assert result.exit_code == 0, result.output
     assert len(json.loads(out.read_text())["golds"]) == 2
+
+
+def test_threads_option_resolves_auto_numbers_and_the_environment(monkeypatch):
+    from prisp.console import available_cores, resolve_threads, set_threads
+
+    monkeypatch.delenv("PRISP_THREADS", raising=False)
+    assert resolve_threads(None) == resolve_threads("auto") == resolve_threads("AUTO") == available_cores()
+    assert resolve_threads("3") == resolve_threads(3) == 3
+    monkeypatch.setenv("PRISP_THREADS", "1")
+    assert resolve_threads(None) == 1 and resolve_threads("auto") == available_cores()
+    for bad in ("0", "-2", "two", "1.5", ""):
+        with pytest.raises(PrispError, match="--threads must be a positive integer or 'auto'"):
+            resolve_threads(bad)
+    before = torch.get_num_threads()
+    try:
+        assert set_threads("1") == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from peft import PeftModel
 from typer.testing import CliRunner
 
-from conftest import build_tiny_llama
 from prisp.adapters import (
     LoraPair,
     LoraSpec,
@@ -199,9 +199,11 @@ QUESTIONS = SAMPLE_DIR / "LaMP-4" / "dev_questions.json"
 def test_personalize_cli_writes_a_folded_adapter_and_report(tiny_model_dir, anchor_dir, tmp_path):
     out = tmp_path / "user"
     result = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-4", "--history", QUESTIONS,
-                    "--user", "LaMP-4-dev-2", "--model", tiny_model_dir, "--lr", "0.01", "--out", out)
+                    "--user", "LaMP-4-dev-2", "--model", tiny_model_dir, "--lr", "0.01", "--out", out,
+                    "--threads", "1")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "personalization.json").read_text())
+    assert report["train"]["threads"] == 1
     assert report["strategy"] == "prisp" and len(report["items_used"]) == 10 and report["examples"] == 19
     assert report["hyperparameters"]["lr"] == 0.01 and report["hyperparameters"]["batch_size"] == 16
     assert report["trainable_params"] > 0 and report["seconds"] > 0 and report["peak_memory_mb"] > 0
@@ -240,6 +242,8 @@ def test_personalize_refusals_leave_no_half_written_output(tiny_model_dir, ancho
     assert "--user" in _error_line(invoke("personalize", "--history", QUESTIONS, *common))
     assert "no question with id 'nope'" in _error_line(invoke("personalize", "--history", QUESTIONS, "--user",
                                                               "nope", *common))
+    assert "--threads must be a positive integer or 'auto'" in _error_line(
+        invoke("personalize", "--history", QUESTIONS, "--user", "LaMP-4-dev-0", "--threads", "0", *common))
     assert not out.exists()
     # An existing adapter at --out survives a refused run untouched.
     model = build_tiny_llama(int(json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]))

@@ -12,7 +12,7 @@ import typer
 
 from prisp.batch.cli import export_app, personalize_batch_command
 from prisp.bench.cli import bench_command
-from prisp.console import friendly, quiet_transformers, set_threads
+from prisp.console import THREADS_HELP, friendly, quiet_transformers, set_threads
 from prisp.errors import PrispError
 from prisp.hypernet.cli import anchor_command, hypernet_app
 from prisp.serve.cli import serve_app
@@ -35,7 +35,7 @@ def default_data_dir() -> Path:
     return Path(os.environ["PRISP_DATA"]) if os.environ.get("PRISP_DATA") else SAMPLE_DIR
 
 
-def load_for_inference(model_name: str, adapter: Optional[Path], threads: Optional[int]):
+def load_for_inference(model_name: str, adapter: Optional[Path], threads: Optional[str]):
     """Load the base model (and a peft adapter on top) with a status line on stderr."""
     from prisp.models import load_model
 
@@ -71,7 +71,7 @@ def predict(
     limit: Optional[int] = typer.Option(None, help="Answer only the first N queries."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
     snap: bool = typer.Option(True, help="Map label answers that start with a label onto it ('1' -> '[1]')."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: $PRISP_THREADS or torch's]."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Answer a LaMP split with NP or RAG prompts and write the predictions."""
     from tqdm import tqdm
@@ -207,7 +207,7 @@ def personalize_cmd(
     micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
     seed: int = typer.Option(0, help="Seed."),
     model: str = typer.Option("smollm2-135m", help="Base model."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Stage 2: personalize an anchor for one user; writes a plain peft LoRA + personalization.json."""
     from prisp.adapters import load_adapter, save_adapter
@@ -244,7 +244,7 @@ def task_adapt_cmd(
     batch_size: int = typer.Option(6, help="Batch size (Table 7: 6)."),
     seed: int = typer.Option(0, help="Seed for sampling and init."),
     model: str = typer.Option("smollm2-135m", help="Base model."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Train a task-adapted anchor LoRA on N random task samples (the paper's baselines' task stage)."""
     from prisp.adapters import save_adapter
@@ -289,7 +289,7 @@ def generate(
     task: Optional[str] = typer.Option(None, help="Wrap --input in the task's Table 16 prompt."),
     max_new_tokens: int = typer.Option(64, help="Answer budget."),
     model: str = typer.Option("smollm2-135m", help="Base model."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Generate one answer, optionally with an adapter."""
     from prisp.data.prompts import query_prompt
@@ -325,7 +325,7 @@ def demo(
     split: str = typer.Option("dev", help="Split."),
     tasks: str = typer.Option("LaMP-1,LaMP-2,LaMP-2N,LaMP-3,LaMP-4,LaMP-5,LaMP-7", help="Comma-separated tasks."),
     personalize: str = typer.Option("LaMP-4", help="Task to run the full PRISP pipeline on ('' to skip)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """The main job on the embedded defaults: NP vs RAG vs PRISP predictions and metrics on the packaged sample."""
     from prisp.demo import run_demo

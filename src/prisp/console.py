@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import typer
 
@@ -38,10 +38,45 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def set_threads(threads: Optional[int]) -> None:
-    """Apply ``--threads`` or ``$PRISP_THREADS`` (unset: torch's default)."""
+THREADS_HELP = ("torch CPU threads: a number, or 'auto' for every core this process may use "
+                "[default: $PRISP_THREADS, else auto].")
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(value: str | int | None) -> int:
+    """The thread count ``--threads`` asks for: a positive number, or ``auto`` (every usable core).
+
+    None falls back to ``$PRISP_THREADS`` and then to ``auto``: a process alone on the machine should use all of
+    it, while pools and tests that share the cores pass their share explicitly.
+
+    Raises:
+        PrispError: neither a positive integer nor ``auto``.
+    """
+    if value is None:
+        value = os.environ.get("PRISP_THREADS") or "auto"
+    text = str(value).strip().lower()
+    if text == "auto":
+        return available_cores()
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise PrispError(f"--threads must be a positive integer or 'auto', got {value!r}")
+    return threads
+
+
+def set_threads(value: str | int | None) -> int:
+    """Apply ``--threads`` (see :func:`resolve_threads`) to torch; returns the count now in force."""
     import torch
 
-    threads = threads or int(os.environ.get("PRISP_THREADS", "0") or 0)
-    if threads:
-        torch.set_num_threads(threads)
+    threads = resolve_threads(value)
+    torch.set_num_threads(threads)
+    return threads

@@ -248,6 +248,7 @@ class TrainResult:
         peak_rss_delta_mb: That peak minus the resident size before the loop, or None.
         process_peak_rss_mb: Lifetime high-water mark of the process (``ru_maxrss``).
         peak_cuda_mb: Peak CUDA memory allocated during the loop, or None on CPU.
+        threads: torch intra-op threads the loop ran with (CPU time scales with them).
     """
 
     steps: int
@@ -263,6 +264,7 @@ class TrainResult:
     peak_rss_delta_mb: float | None = None
     process_peak_rss_mb: float | None = None
     peak_cuda_mb: float | None = None
+    threads: int = 1
 
     @property
     def final_loss(self) -> float:
@@ -501,6 +503,7 @@ def train(
         truncated=sum(e.truncated for e in fitted),
         trainable_params=sum(p.numel() for p in params),
         device=str(device),
+        threads=torch.get_num_threads(),
     )
     modes = {module: module.training for module in model.modules()}
     monitor = _MemoryMonitor(device)

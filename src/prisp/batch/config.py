@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field, replace
 
+from prisp.console import available_cores  # noqa: F401 - part of this module's API (prisp.batch)
 from prisp.errors import PrispError
 from prisp.personalize import PersonalizeConfig
 
 BACKENDS = ("local", "ray")
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (respects affinity masks and container CPU sets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS has no sched_getaffinity
-        return max(1, os.cpu_count() or 1)
 
 
 def user_seed(global_seed: int, user_id: str) -> int:

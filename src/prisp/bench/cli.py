@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from prisp.console import THREADS_HELP, set_threads
 
 
 def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -37,9 +38,7 @@ def bench_command(
     ),
     hypernet: Optional[Path] = typer.Option(None, help="Hypernetwork checkpoint for the PRISP anchor."),
     seed: Optional[int] = typer.Option(None, help="Seed."),
-    threads: Optional[int] = typer.Option(
-        None, help="torch CPU threads of this process (default: $PRISP_THREADS or torch's)."
-    ),
+    threads: Optional[str] = typer.Option(None, help="This process's " + THREADS_HELP),
     workers: Optional[int] = typer.Option(
         None,
         help="Processes for the users of PRISP, OPPU and ablation cells, each loading the model once "
@@ -55,11 +54,7 @@ def bench_command(
     from prisp.bench.config import profile_config
     from prisp.bench.runner import run_bench
 
-    threads = threads or int(os.environ.get("PRISP_THREADS", "0") or 0)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     sizes = tuple(int(s) for s in _csv(data_sizes)) if data_sizes else None
     config = profile_config(
         profile,

@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from prisp.console import friendly, quiet_transformers, set_threads
+from prisp.console import THREADS_HELP, friendly, quiet_transformers, set_threads
 
 hypernet_app = typer.Typer(help="The Text-to-LoRA hypernetwork: train one on SNI tasks.", no_args_is_help=True,
                            pretty_exceptions_enable=False, add_completion=False)
@@ -75,7 +75,7 @@ def train_command(
     eval_instances: int = typer.Option(2, min=0, help="Held-out instances per task for ROUGE-L (0: skip)."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="Continue exactly from OUT/checkpoint (its optimiser state and LR schedule)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: $PRISP_THREADS or torch's)."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Train the hypernetwork (resumable; logs loss per step, held-out metrics per epoch)."""
     import logging
@@ -116,7 +116,7 @@ def anchor_command(
                                                           "'v_proj,q_proj' (default: args.yaml's target_modules)."),
     model: Optional[str] = typer.Option(None, help="Base model the adapter is for (default: smollm2-135m, or the "
                                                    "T2L checkpoint's model_dir)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: $PRISP_THREADS or torch's)."),
+    threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Generate a task anchor LoRA from a description in one hypernetwork forward pass."""
     from prisp.errors import DataError, PrispError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from prisp.console import friendly
+from prisp.console import THREADS_HELP, friendly, resolve_threads
 from prisp.errors import PrispError
 
 serve_app = typer.Typer(help="Serve personalized adapters over HTTP from an encrypted per-user store.",
@@ -41,7 +41,7 @@ def serve(
     cache_size: int = typer.Option(64, help="Decrypted adapters kept in memory (LRU)."),
     max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (413 above)."),
     max_items: int = typer.Option(200, help="Most history items per request (413 above)."),
-    threads: int | None = typer.Option(None, help="torch CPU threads."),
+    threads: str | None = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Run the HTTP API (``prisp serve --store DIR``); see the sub-commands for keys and exports."""
     if ctx.invoked_subcommand is not None:
@@ -55,7 +55,7 @@ def serve(
     key = load_key(key_file)  # before loading anything: no key, no server
     config = ServeConfig(
         store=store, model=model, host=host, port=port, anchors=dict(parse_anchor_option(a) for a in anchor),
-        anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=threads,
+        anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=resolve_threads(threads),
         personalize=PersonalizeConfig(strategy=strategy, lr=lr, progress=False),
         limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),
     )
