@@ -319,3 +319,29 @@ def test_load_adapter_errors(tmp_path):
     (good / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(AdapterError, match="pickled weights are never loaded"):
         load_adapter(good)
+
+
+def test_shared_copy_shares_storage_but_not_flags_and_owns_what_it_is_told():
+    from conftest import build_tiny_llama
+
+    from prisp.adapters import shared_copy
+
+    base = build_tiny_llama(64)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    flags = [p.requires_grad for p in base.parameters()]
+    view = shared_copy(base, own_modules=("q_proj",))
+    named = dict(base.named_parameters())
+    for name, param in view.named_parameters():
+        assert not param.requires_grad and param is not named[name]
+        shared = param.data_ptr() == named[name].data_ptr()
+        assert shared != name.endswith("q_proj.weight"), name  # q_proj owned, the rest views
+        assert torch.equal(param, named[name])
+    assert [p.requires_grad for p in base.parameters()] == flags
+    with torch.no_grad():
+        view.model.layers[0].self_attn.q_proj.weight.add_(1.0)  # an owned weight: the base does not see it
+    assert not torch.equal(view.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    ids = torch.tensor([[1, 2, 3]])
+    plain = shared_copy(base)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # ties survive
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, base(input_ids=ids).logits)

@@ -73,6 +73,17 @@ def test_bridge_at_identity_reproduces_the_anchor_exactly(base, anchor):
         assert torch.equal(_logits(model.eval(), IDS), expected)
 
 
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_the_base_model_is_never_modified(base, tiny_tokenizer, anchor, history, strategy):
+    """Users share the base's weights (``shared_copy``): neither training nor OPPU's merge may write them."""
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    flags = [p.requires_grad for p in base.parameters()]
+    result = _run(base, tiny_tokenizer, anchor, history, strategy)
+    assert all(torch.equal(t, before[k]) for k, t in base.state_dict().items())
+    assert [p.requires_grad for p in base.parameters()] == flags
+    assert result.train.steps > 0
+
+
 @pytest.mark.parametrize("strategy", ["prisp", "full-lora", "no-bridge", "bridge-only"])
 def test_only_the_intended_factors_change(base, tiny_tokenizer, anchor, history, strategy):
     before = {k: v.clone() for k, v in base.state_dict().items()}

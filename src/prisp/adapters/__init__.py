@@ -10,6 +10,7 @@ from prisp.adapters.inject import (
     fold_bridge,
     remove_bridge,
     set_trainable,
+    shared_copy,
 )
 from prisp.adapters.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from prisp.adapters.weights import (
@@ -25,13 +26,13 @@ from prisp.adapters.weights import (
 )
 
 
-
 def apply_adapter_dir(model, adapter_dir):
     """Load a peft LoRA directory onto ``model`` (checked against its shapes); returns the PeftModel."""
     return attach_lora(model, load_adapter(adapter_dir))
 
 
 __all__ = [
+    "shared_copy",
     "apply_adapter_dir",
     "CONFIG_NAME",
     "DEFAULT_MODULE_PATHS",

@@ -6,7 +6,6 @@ computed only if a pending grid cell needs them, so a resumed run whose rows are
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from prisp.adapters import attach_lora
+from prisp.adapters import attach_lora, shared_copy
 from prisp.bench.anchors import ANCHOR_PROVIDERS, Anchor, AnchorProvider, AnchorRequest, task_adapted_anchor
 from prisp.bench.config import BenchConfig
 from prisp.bench.pool import UserPool
@@ -119,7 +118,7 @@ class TaskContext:
     def prompt_model(self):
         """The task-adapted model the prompt-only baselines answer with."""
         return attach_lora(
-            copy.deepcopy(self.loaded.model), self.task_anchor(with_sharer_data=True).weights
+            shared_copy(self.loaded.model), self.task_anchor(with_sharer_data=True).weights
         ).eval()
 
     def release_prompt_model(self) -> None:

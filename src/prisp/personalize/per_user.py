@@ -6,14 +6,13 @@ benchmark or a prediction reuses every user that is already done.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter
+from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter, shared_copy
 from prisp.data.lamp import LampSplit, Query
 from prisp.data.protocol import recent_items
 from prisp.data.tasks import label_set
@@ -144,7 +143,7 @@ def _user_model(base, tokenizer, model_name, task, user, profile, anchor, config
     cached = cache_dir / key if cache_dir else None
     if cached and (cached / REPORT_NAME).is_file():
         report = json.loads((cached / REPORT_NAME).read_text())
-        model = attach_lora(copy.deepcopy(base), load_adapter(cached)).eval()
+        model = attach_lora(shared_copy(base), load_adapter(cached)).eval()
         return model, UserCost(user, True, report["seconds"], report["peak_memory_mb"], report["trainable_params"])
     result = personalize(base, tokenizer, anchor, task, profile, config, labels)
     report = {**result.report(), "user": user}

@@ -1,12 +1,12 @@
 """Stage 2: personalize a copy of the base model for one user, from an anchor LoRA.
 
-The base model passed in is never modified: each user works on a deep copy, so one process can
-personalize many users in turn (and OPPU's merge cannot leak into the next user).
+The base model passed in is never modified: each user works on a copy of its module tree whose weights are
+frozen views of the base's (OPPU's merged weights get private copies), so one process can personalize many
+users in turn without a 540 MB copy each (and OPPU's merge cannot leak into the next user).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -23,6 +23,7 @@ from prisp.adapters import (
     fold_bridge,
     random_init,
     set_trainable,
+    shared_copy,
 )
 from prisp.data.examples import user_examples
 from prisp.data.lamp import ProfileItem
@@ -102,7 +103,8 @@ class PersonalizeResult:
 
 def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, seed: int):
     """The user's working model and its trainable parameters."""
-    work = copy.deepcopy(base)
+    # OPPU merges the anchor into the targeted weights in place, so only those get private copies.
+    work = shared_copy(base, own_modules=anchor.spec.target_modules if strategy.fresh_lora else ())
     if strategy.fresh_lora:
         work = attach_lora(work, anchor).merge_and_unload()
         start = random_init(work, anchor.spec, seed=seed)

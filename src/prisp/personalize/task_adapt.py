@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from prisp.adapters import LoraSpec, LoraWeights, attach_lora, extract_weights, random_init, set_trainable
+from prisp.adapters import (
+    LoraSpec,
+    LoraWeights,
+    attach_lora,
+    extract_weights,
+    random_init,
+    set_trainable,
+    shared_copy,
+)
 from prisp.data.examples import query_examples
 from prisp.data.lamp import Query
 from prisp.data.protocol import DEFAULT_TASK_SAMPLES, sample_task_queries
@@ -36,7 +43,7 @@ def task_adapt(base: torch.nn.Module, tokenizer, task: str, queries: Sequence[Qu
     config = config or TrainConfig(epochs=TASK_ADAPTATION.epochs, batch_size=TASK_ADAPTATION.batch_size,
                                    lr=TASK_ADAPTATION.lr, seed=seed, micro_batch_size=3)
     tokenized = tokenize_examples(tokenizer, query_examples(task, chosen, labels), config.max_length)
-    model = attach_lora(copy.deepcopy(base), random_init(base, spec, seed=seed))
+    model = attach_lora(shared_copy(base), random_init(base, spec, seed=seed))
     params = set_trainable(model, train_A=True, train_B=True, train_C=False)
     result = train(model, params, tokenized, config, pad_id=tokenizer.pad_token_id or 0)
     return TaskAdaptResult(extract_weights(model), [q.id for q in chosen], result)

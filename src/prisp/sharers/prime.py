@@ -11,13 +11,12 @@ per candidate, so an evaluation costs only generation.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from prisp.adapters import LoraWeights, attach_lora
+from prisp.adapters import LoraWeights, attach_lora, shared_copy
 from prisp.data.examples import item_example
 from prisp.data.lamp import ProfileItem
 from prisp.data.tasks import get_task, snap_to_label
@@ -184,7 +183,7 @@ class Prime:
         n_layers = len({layer for layer, _ in self.pool.anchor.pairs})
         dim = len(deltas) * (n_layers if self.config.granularity == "layer" else 1)
         x0 = np.full(dim, 1.0 / len(deltas))  # start from the plain average of the sharers
-        model = attach_lora(copy.deepcopy(base), self.merged(deltas, x0)).eval()
+        model = attach_lora(shared_copy(base), self.merged(deltas, x0)).eval()
         sharer_answers = []
         for j in range(len(deltas)):  # a sharer's own model is the merge with weight 1 on it alone
             load_into(model, self.merged(deltas, self._one_hot(j, len(deltas), n_layers)))

@@ -9,7 +9,6 @@ it to the method), caches the adapter per target, and answers the target's queri
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import time
@@ -20,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter
+from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter, shared_copy
 from prisp.data.lamp import LampSplit, ProfileItem
 from prisp.data.protocol import recent_items
 from prisp.data.tasks import label_set
@@ -154,12 +153,12 @@ def target_model(
     cached = cache_dir / f"{method.name}-{target_key(model_name, method, task, items)}" if cache_dir else None
     if cached and (cached / "target.json").is_file():
         cost = TargetCost(**{**json.loads((cached / "target.json").read_text()), "cached": True})
-        return attach_lora(copy.deepcopy(base), load_adapter(cached)).eval(), cost
+        return attach_lora(shared_copy(base), load_adapter(cached)).eval(), cost
     build = method.build(base, tokenizer, task, items, labels)
     cost = TargetCost.from_build(user, build)
     if cached:
         save_adapter(build.weights, cached, model_name, {"target.json": json.dumps(asdict(cost), indent=1)})
-    return attach_lora(copy.deepcopy(base), build.weights).eval(), cost
+    return attach_lora(shared_copy(base), build.weights).eval(), cost
 
 
 def predict_with_sharers(
