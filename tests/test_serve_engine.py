@@ -174,6 +174,17 @@ def test_slot_pool_is_bounded_lru_and_forgets(tiny, users):
         assert torch.equal(tiny.model(probe).logits, base_logits)
 
 
+def test_a_users_new_copy_takes_over_the_slot_of_the_old_one(tiny, users):
+    """A re-decrypted adapter (or a new version) is a new object; it must not pile up slots per user."""
+    slots = AdapterSlots(tiny.model, capacity=4)
+    old = slots.place(users["alice"], set(), ("alice", "LaMP-4"))
+    slots.place(users["bob"], set(), ("bob", "LaMP-4"))
+    decrypted_again = copy.deepcopy(users["alice"])
+    assert slots.place(decrypted_again, set(), ("alice", "LaMP-4")) == old
+    assert slots.holds(decrypted_again) and not slots.holds(users["alice"]) and len(slots) == 2
+    assert slots.place(copy.deepcopy(users["alice"]), {old}, ("alice", "LaMP-4")) != old  # pinned: a new slot
+
+
 def test_close_refuses_new_requests(tiny, users, alone):
     engine = ServingModel(tiny.model, tiny.tokenizer, batch_window_ms=0)
     bob = users["bob"]

@@ -161,10 +161,10 @@ class ServingModel:
         with self._model_lock:
             return self.slots.forget(user_id, task)
 
-    def place(self, weights: LoraWeights) -> str:
+    def place(self, weights: LoraWeights, owner: Owner | None = None) -> str:
         """Load ``weights`` into a slot now, as a batch would (for measuring the swap cost); its slot name."""
         with self._model_lock:
-            return self.slots.place(weights, set())
+            return self.slots.place(weights, set(), owner)
 
     def close(self) -> None:
         """Finish the queued requests, then stop the batcher thread; later requests are refused."""

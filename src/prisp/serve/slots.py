@@ -96,8 +96,7 @@ class AdapterSlots:
         slot = self._holding.get(id(weights))
         if slot is None or slot.weights is not weights:
             weights.check_fits(self.base)
-            slot = self._load(weights, pinned)
-            slot.owner = owner
+            slot = self._load(weights, pinned, owner)
         self._slots.move_to_end(slot.name)
         pinned.add(slot.name)
         return slot.name
@@ -128,11 +127,16 @@ class AdapterSlots:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _load(self, weights: LoraWeights, pinned: set[str]) -> Slot:
-        """Copy ``weights`` into an empty slot of their spec, a new slot, or the least recently used one."""
+    def _load(self, weights: LoraWeights, pinned: set[str], owner: Owner | None) -> Slot:
+        """Copy ``weights`` into a slot and return it.
+
+        Preference: a slot of their spec that is empty or holds the same owner's older copy (decrypted
+        again, or a previous version); else a new slot while there is room; else the least recently used.
+        """
         key = slot_key(weights)
         free = [s for s in self._slots.values() if s.name not in pinned]
-        slot = next((s for s in free if s.weights is None and s.key == key), None)
+        slot = next((s for s in free if s.key == key and (s.weights is None or
+                                                          (owner is not None and s.owner == owner))), None)
         if slot is None and len(self._slots) >= self.capacity:
             if not free:
                 raise AdapterError(f"all {self.capacity} adapter slots are in use by one batch; use at "
@@ -147,7 +151,7 @@ class AdapterSlots:
             slot = self._add_slot(weights)
         self._empty(slot)  # until the copy completes: a half-copied slot must never match
         _copy_into(slot.index, weights)
-        slot.weights = weights
+        slot.weights, slot.owner = weights, owner
         self._holding[id(weights)] = slot
         self.loads += 1
         return slot
