@@ -3,7 +3,9 @@
 Why batch across users: at the default model's size (135M parameters) one CPU forward pass over 8 rows
 costs far less than 8 forward passes of one row (a single row leaves the matrix kernels mostly idle
 and pays the Python and dispatch overhead of 30 layers for every token), so answering concurrent
-requests together raises throughput instead of only queueing them behind one lock.
+requests together raises throughput instead of only queueing them behind one lock. Measured once on
+the shared 2-core machine, 1 torch thread, SmolLM2-135M: 8 LaMP-4 requests of 4 users with random
+adapters took 31 s one at a time and 7.8 s as one batch, with identical answers.
 
 How: ``generate`` puts the request on a queue and waits. One batcher thread takes the first waiting
 request, waits up to ``batch_window_ms`` for more (or until ``max_batch`` are there), places each
