@@ -7,13 +7,16 @@ most recent items of a real dev user (timed), the others get a random LoRA of th
 from N(0, 0.01)) sealed straight into the store with ``AdapterStore.save`` to save time: serving cost does not
 depend on the values. Then, per ``--concurrency`` level, exactly ``--requests`` generate requests go out from
 that many client threads (httpx) to users drawn at random (LRU cache of ``--cache-size`` adapters), stopping
-early at ``--max-seconds``. After the load: adapter swap time (store read + AES-GCM decrypt + parse + shape
-check + copy into the peft slot for an adapter not in the cache, vs a cached one), measured in-process on the
-server's own objects; and fixed-length greedy decoding (``--decode-tokens``, EOS suppressed) of the base model
-vs the folded adapter applied as the server applies it (unmerged peft LoRA) vs merged into the weights.
+early at ``--max-seconds``. The server batches concurrent generate requests (``--batch-window-ms``,
+``--max-batch``, ``--adapter-slots``, passed to its config); the engine's batch counters, read before and
+after each level, give the mean batch size per level. After the load: adapter swap time (store read +
+AES-GCM decrypt + parse + shape check + copy into a peft slot for an adapter not in the cache, vs a cached
+one already in a slot), measured in-process on the server's own objects; and fixed-length greedy decoding
+(``--decode-tokens``, EOS suppressed) of the base model vs the folded adapter applied as the server applies
+it (unmerged peft LoRA) vs merged into the weights.
 
-    python bench/serve_load.py [--model smollm2-135m] [--users 32] [--requests 32] [--concurrency 1,4]
-                               [--out bench/results/serve_load.md]
+    python bench/serve_load.py [--model smollm2-135m] [--users 32] [--requests 32] [--concurrency 1,4,8]
+                               [--batch-window-ms 10] [--max-batch 8] [--out bench/results/serve_load.md]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
 from prisp.serve.app import create_app
 from prisp.serve.config import ServeConfig, ServeLimits
-from prisp.serve.engine import shared_copy
+from prisp.adapters import shared_copy
 from prisp.serve.keys import generate_key
 from prisp.serve.store import SaveRequest
 
@@ -195,28 +198,35 @@ def run_load(url: str, plan: list[tuple[str, dict, str]], task: str, concurrency
     }
 
 
+def batch_counts(before, after) -> dict:
+    """Batches run, mean requests per batch and slot loads between two snapshots of the engine's counters."""
+    batches = after.batches - before.batches
+    requests = after.requests - before.requests
+    return {
+        "batches": batches,
+        "mean_batch": requests / batches if batches else float("nan"),
+        "largest_batch_so_far": after.largest,
+        "adapter_loads": after.adapter_loads - before.adapter_loads,
+    }
+
+
 def swap_times(service, users, task: str, n: int) -> dict:
-    """Cold (not cached) vs warm (cached) adapter swap, timed on the server's own store, cache and engine."""
+    """Cold (not cached) vs warm (cached, already in a slot) adapter swap, on the server's own objects."""
     engine = service.engine
     rows = []
     for user, _ in users[:n]:
         service.cache.drop_user(user)
         t0 = time.perf_counter()
-        weights, _ = service.adapter_for(
-            user, task
-        )  # store read + AES-GCM decrypt + parse + check + cache put
+        weights, _ = service.adapter_for(user, task)  # store read, AES-GCM decrypt, parse, check, cache put
         t1 = time.perf_counter()
-        with engine._lock:  # what a request does before generating: copy A and B into the peft slot
-            t2 = time.perf_counter()
-            engine._activate(weights)
-            t3 = time.perf_counter()
-        weights, _ = service.adapter_for(user, task)  # cache hit
+        # What a batch does for it: a new object, so copy A and B into the slot of the user's older copy.
+        engine.place(weights, (user, task))
+        t2 = time.perf_counter()
+        weights, _ = service.adapter_for(user, task)  # cache hit: the same object
+        t3 = time.perf_counter()
+        engine.place(weights)  # the slot already holds it: nothing to copy
         t4 = time.perf_counter()
-        with engine._lock:
-            t5 = time.perf_counter()
-            engine._activate(weights)
-            t6 = time.perf_counter()
-        rows.append((t1 - t0, t3 - t2, t4 - t3, t6 - t5))
+        rows.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
     med = [statistics.median(col) * 1000 for col in zip(*rows)]
     record = service.store.current(users[0][0], task)
     size = (service.store.root / record.file).stat().st_size
@@ -301,6 +311,9 @@ def main() -> None:
             anchors=anchors,
             random_anchors=not anchors,
             cache_size=args.cache_size,
+            batch_window_ms=args.batch_window_ms,
+            max_batch=args.max_batch,
+            adapter_slots=args.adapter_slots,
             limits=ServeLimits(
                 max_new_tokens=args.max_new_tokens, max_pending_jobs=max(2, args.personalize + 1)
             ),
@@ -335,11 +348,13 @@ def exercise(live: LiveServer, loaded, args, levels, profiles, inputs, timings) 
         histories = [[item.to_json() for item in recent_items(p, 10)] for p in profiles[: len(real)]]
         timings["personalize_job_s"] = personalize_over_http(client, real, histories, task, args.max_seconds)
     timings["seed_per_user_ms"] = seed_store(service, users[len(real) :], task, args.seed + 1000) * 1000
-    warm = run_load(live.url, [(users[0][0], users[0][1], inputs[0])], task, 1, args)  # builds the peft slot
+    warm = run_load(live.url, [(users[0][0], users[0][1], inputs[0])], task, 1, args)  # builds the peft model
     loads = []
     for level in levels:
         plan = [(*rng.choice(users), inputs[i % len(inputs)]) for i in range(args.requests)]
+        before = service.engine.stats()
         loads.append(run_load(live.url, plan, task, level, args))
+        loads[-1].update(batch_counts(before, service.engine.stats()))
         print(f"concurrency {level}: {json.dumps(loads[-1])}", flush=True)
     swaps = swap_times(service, users, task, min(args.swaps, len(users)))
     print(f"swap: {json.dumps(swaps)}", flush=True)
@@ -385,21 +400,26 @@ def write_report(path: Path, args, timings: dict, results: dict, ctx: dict) -> N
         "",
         (
             f"{args.requests} requests per concurrency level (client threads), at most {args.max_seconds:.0f} s "
-            "each. The server answers one generation at a time (one model, one lock), so concurrency raises "
-            "latency, not throughput."
+            "each. The server batches concurrent generate requests of different users into one greedy "
+            "generation with a per-row adapter (peft mixed-adapter batches): a batcher thread takes the "
+            f"first waiting request, waits up to {args.batch_window_ms:g} ms for more, up to {args.max_batch} per "
+            f"batch, with {args.adapter_slots} adapter slots (LRU). *Batches* and *mean batch* come from the "
+            "engine's counters read before and after each level; *slot loads* counts adapters copied into a "
+            "slot (misses of the slot pool)."
         ),
         "",
         (
-            "| concurrency | ok / sent | errors | wall s | requests/s | p50 s | p95 s | max s | anchor answers | "
-            "mean answer chars |"
+            "| concurrency | ok / sent | errors | wall s | requests/s | p50 s | p95 s | max s | batches | "
+            "mean batch | slot loads | anchor answers | mean answer chars |"
         ),
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["loads"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
         lines.append(
             f"| {r['concurrency']} | {r['ok']} / {r['sent']} (of {r['planned']}) | {errors} | {r['wall_s']:.1f} | "
-            f"{r['rps']:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['max_s']:.3f} | {r['anchor_answers']} | "
+            f"{r['rps']:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['max_s']:.3f} | {r['batches']} | "
+            f"{r['mean_batch']:.2f} | {r['adapter_loads']} | {r['anchor_answers']} | "
             f"{r['mean_output_chars']:.0f} |"
         )
     s = results["swaps"]
@@ -410,14 +430,16 @@ def write_report(path: Path, args, timings: dict, results: dict, ctx: dict) -> N
         (
             f"Median over {s['n']} users, in-process on the server's own store, cache and engine. Cold = not in the "
             "cache: store read + AES-GCM decrypt + safetensors parse + shape check (+ cache insert), then copy of A "
-            f"and B into the peft slot; warm = cache hit, then the same copy. Sealed adapter {s['sealed_kb']:.0f} KiB "
-            f"({s['parameters']:,} parameters)."
+            "and B into the peft slot that held the user's previous copy (a decrypted adapter is a new object, "
+            "so it is always copied); warm = cache hit, the same object, which its slot already holds: no copy. "
+            f"Sealed adapter {s['sealed_kb']:.0f} KiB ({s['parameters']:,} parameters)."
         ),
         "",
         "| | load / lookup ms | apply ms | total ms |",
         "|---|---:|---:|---:|",
         f"| cold (not cached) | {s['cold_load_ms']:.2f} | {s['cold_apply_ms']:.2f} | {s['cold_total_ms']:.2f} |",
-        f"| warm (cached) | {s['warm_lookup_ms']:.3f} | {s['warm_apply_ms']:.2f} | {s['warm_total_ms']:.2f} |",
+        f"| warm (cached, in a slot) | {s['warm_lookup_ms']:.3f} | {s['warm_apply_ms']:.3f} | "
+        f"{s['warm_total_ms']:.3f} |",
     ]
     d = results["decode"]
     base_rate = d["rates"]["base model"]
@@ -455,9 +477,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--requests", type=int, default=32, help="generate requests per concurrency level")
     p.add_argument(
-        "--concurrency", default="1,4", help="client threads; a comma list runs one pass per level"
+        "--concurrency", default="1,4,8", help="client threads; a comma list runs one pass per level"
     )
     p.add_argument("--cache-size", type=int, default=16, help="server LRU cache of decrypted adapters")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="server: wait for a batch's companions"
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="server: most generate requests per batch")
+    p.add_argument(
+        "--adapter-slots", type=int, default=32, help="server: adapters kept loaded (>= --max-batch)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument(
         "--max-seconds", type=float, default=600, help="per phase: stop issuing requests after this"
@@ -480,6 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "requests",
         "cache_size",
         "max_new_tokens",
+        "max_batch",
+        "adapter_slots",
         "swaps",
         "decode_tokens",
         "decode_repeats",
@@ -488,8 +519,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.personalize <= args.users:
         p.error("--personalize must be between 0 and --users")
-    if any(int(c) < 1 for c in args.concurrency.split(",")):
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency expects a comma list of integers, got {args.concurrency!r}")
+    if any(c < 1 for c in levels):
         p.error("--concurrency levels must be at least 1")
+    if not args.batch_window_ms >= 0:
+        p.error("--batch-window-ms must be at least 0")
+    if args.adapter_slots < args.max_batch:
+        p.error("--adapter-slots must be at least --max-batch")
     return args
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
+from prisp.adapters import LoraSpec, attach_lora, random_init
 from prisp.data.lamp import load_split
 from prisp.generation import GenerationConfig, clean_output, generate
 from prisp.models import load_model
@@ -30,6 +33,25 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
               for p in PROMPTS]
     assert batched.texts == single
     assert batched.new_tokens > 0 and batched.seconds > 0
+
+
+def test_per_prompt_budgets_cut_each_row_like_its_own_run(tiny):
+    weights = random_init(tiny.model, LoraSpec(), seed=3)
+    for pair in weights.pairs.values():  # the tiny base answers nothing; a loud adapter makes it talk
+        pair.B.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    model = attach_lora(copy.deepcopy(tiny.model), weights).eval()
+    budgets = [2, 6, 4]
+    batched = generate(model, tiny.tokenizer, PROMPTS, GenerationConfig(batch_size=3, first_line=False),
+                       budgets=budgets)
+    single = [generate(model, tiny.tokenizer, [p], GenerationConfig(max_new_tokens=b, batch_size=1,
+                                                                    first_line=False)).texts[0]
+              for p, b in zip(PROMPTS, budgets)]
+    assert batched.texts == single
+    assert len({len(t) for t in single}) > 1, "the budgets should have cut the rows differently"
+    with pytest.raises(ValueError, match="budgets"):
+        generate(tiny.model, tiny.tokenizer, PROMPTS, budgets=[2])
+    with pytest.raises(ValueError, match="adapter_names"):
+        generate(tiny.model, tiny.tokenizer, PROMPTS, adapter_names=["default"])
 
 
 def test_greedy_generation_is_deterministic(tiny):

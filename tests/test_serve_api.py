@@ -234,6 +234,42 @@ def test_concurrent_users_get_their_own_adapters(live, client, tiny):
     assert all(output == expected[user] for user, output in results)
 
 
+def test_batched_http_requests_of_interleaved_users_get_their_own_answers(tmp_path, tiny_model_dir, anchors,
+                                                                           tiny):
+    """48 requests of 4 users (3 adapters, 1 on the anchor) from 8 client threads share batched forwards."""
+    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), anchors=anchors, limits=LIMITS,
+                         batch_window_ms=100, max_batch=8, adapter_slots=8)
+    server = start_server(config, generate_key())
+    texts = ["Short news.", TEXT, TEXT + " The mayor said the vote was close; the debate went on all night."]
+    try:
+        with server.client() as c:
+            users = [new_user(c) for _ in range(4)]
+        served = {users[3][0]: server.service.anchors["LaMP-4"]}
+        for seed, (user, _) in zip((47, 49, 52), users[:3]):  # seeds whose answers differ on every text
+            served[user] = noisy_anchor(tiny.model, seed)
+            server.service.store.save(SaveRequest(user, "LaMP-4", server.service.model_name, "prisp", 1),
+                                      served[user])
+        expected = {(user, text): reference(tiny, served[user], text) for user, _ in users for text in texts}
+        for text in texts:
+            assert len({expected[(user, text)] for user, _ in users}) == 4, "the test needs distinct answers"
+        plan = [(users[i % 4], texts[(i * 7) % 3]) for i in range(48)]
+        waves = threading.Barrier(8)  # release requests 8 at a time, so they have to share batches
+
+        def call(entry) -> str:
+            (user, headers), text = entry
+            with server.client() as own:
+                waves.wait(timeout=60)
+                return ask(own, user, headers, text)["output"]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(call, plan))
+        stats = server.service.engine.stats()
+    finally:
+        server.stop()
+    assert answers == [expected[(user, text)] for (user, _), text in plan]
+    assert stats.requests == 48 and stats.largest > 1, stats
+
+
 def test_serving_model_swaps_specs_and_never_touches_the_base(tiny):
     from prisp.serve.engine import ServingModel
 
@@ -318,6 +354,7 @@ def test_delete_user_leaves_no_trace(live, client, tiny):
     job = run_job(client, user, headers, items)
     ask(client, user, headers)
     assert any(k[0] == user for k in live.service.cache.keys())
+    assert (user, "LaMP-4") in live.service.engine.slots.owners()
     root = live.service.store.root
     for path in root.rglob("*"):  # the user's raw text is never written anywhere, encrypted or not
         if path.is_file():
@@ -329,6 +366,7 @@ def test_delete_user_leaves_no_trace(live, client, tiny):
         for table in ("users", "adapters"):
             assert db.execute(f"SELECT COUNT(*) FROM {table} WHERE user_id = ?", (user,)).fetchone() == (0,)
     assert not any(k[0] == user for k in live.service.cache.keys())
+    assert all(owner[0] != user for owner in live.service.engine.slots.owners()), "unloaded from the model"
     assert live.service.jobs.get(job["job_id"]) is None
     for path in root.rglob("*"):
         if path.is_file() and path.name != "LOCK":

@@ -73,6 +73,19 @@ def test_serve_refuses_to_start_without_a_key_or_store(tmp_path, tiny_model_dir)
     assert no_anchor.exit_code == 2 and "no anchors" in no_anchor.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--max-batch", "0"], "--max-batch must be in 1..256"),
+    (["--batch-window-ms", "-5"], "--batch-window-ms must be in 0..1000"),
+    (["--max-batch", "16", "--adapter-slots", "8"], "--adapter-slots must be at least --max-batch (16)"),
+])
+def test_serve_refuses_bad_batching_options(tmp_path, tiny_model_dir, args, message):
+    options = ["--store", str(tmp_path / "s"), "--model", str(tiny_model_dir), "--random-anchors", *args]
+    result = invoke(options, env={KEY_ENV: generate_key().encode()})
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
+    assert message in result.stderr
+    assert not (tmp_path / "s").exists(), "nothing may be created for a refused configuration"
+
+
 def test_serve_command_runs_the_api(tmp_path, tiny_model_dir, tiny, monkeypatch):
     """The bare ``prisp serve`` builds the app from its options and hands it to uvicorn."""
     import uvicorn
@@ -81,7 +94,9 @@ def test_serve_command_runs_the_api(tmp_path, tiny_model_dir, tiny, monkeypatch)
     seen = {}
 
     def fake_run(app, host, port, **kwargs):  # serve on a free port instead, and exercise the app once
-        seen.update(host=host, port=port)
+        engine = app.state.service.engine
+        seen.update(host=host, port=port,
+                    batching=(engine.batch_window_ms, engine.max_batch, engine.slots.capacity))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -97,9 +112,11 @@ def test_serve_command_runs_the_api(tmp_path, tiny_model_dir, tiny, monkeypatch)
     monkeypatch.setattr(uvicorn, "run", fake_run)
     key = generate_key().encode()
     result = invoke(["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir), "--port", "8123",
-                     "--anchor", f"lamp_4={anchor_dir}"], env={KEY_ENV: key})
+                     "--anchor", f"lamp_4={anchor_dir}", "--batch-window-ms", "2.5", "--max-batch", "4",
+                     "--adapter-slots", "6"], env={KEY_ENV: key})
     assert result.exit_code == 0, result.stderr
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert seen["batching"] == (2.5, 4, 6)
     assert seen["health"]["tasks"] == ["LaMP-4"]
     assert (tmp_path / "store" / "store.sqlite3").is_file()
 

@@ -83,7 +83,8 @@ def _encode(tokenizer, prompts: Sequence[str], max_input_tokens: int) -> tuple[d
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(),
-             on_batch: Callable[[int], None] | None = None) -> GenerationResult:
+             on_batch: Callable[[int], None] | None = None, *, adapter_names: Sequence[str] | None = None,
+             budgets: Sequence[int] | None = None) -> GenerationResult:
     """Generate one answer per prompt, in order.
 
     Args:
@@ -92,28 +93,53 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
         prompts: raw prompts; the chat template is applied here.
         config: decoding options.
         on_batch: called with the number of prompts finished after each batch (progress bars).
+        adapter_names: one peft adapter name per prompt (peft's mixed-adapter batches), so rows of one
+            forward pass can use different LoRAs; None uses the model's active adapter for every row.
+        budgets: one ``max_new_tokens`` per prompt (default: ``config.max_new_tokens`` for all). A batch
+            decodes to its largest budget and cuts each row to its own; greedy decoding is causal, so a
+            row's first ``b`` tokens do not depend on how long the others run.
+
+    Raises:
+        ValueError: ``adapter_names`` or ``budgets`` of the wrong length, or a budget below 1.
     """
+    for name, values in (("adapter_names", adapter_names), ("budgets", budgets)):
+        if values is not None and len(values) != len(prompts):
+            raise ValueError(f"generate: {len(values)} {name} for {len(prompts)} prompts")
+    if budgets is not None and any(b < 1 for b in budgets):
+        raise ValueError(f"generate: budgets must be positive, got {list(budgets)}")
     start = time.perf_counter()
     texts: list[str] = []
     new_tokens = truncated = 0
     device = next(model.parameters()).device
+    stop_ids = _stop_ids(tokenizer, model)
     for begin in range(0, len(prompts), config.batch_size):
-        batch, cut = _encode(tokenizer, prompts[begin:begin + config.batch_size], config.max_input_tokens)
+        end = begin + config.batch_size
+        batch, cut = _encode(tokenizer, prompts[begin:end], config.max_input_tokens)
         truncated += cut
         batch = {k: v.to(device) for k, v in batch.items()}
+        rows = len(batch["input_ids"])
+        limits = list(budgets[begin:end]) if budgets is not None else [config.max_new_tokens] * rows
+        extra = {"adapter_names": list(adapter_names[begin:end])} if adapter_names is not None else {}
         sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} \
             if config.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        out = model.generate(**batch, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             **sampling)
+        out = model.generate(**batch, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id,
+                             **sampling, **extra)
         answer_ids = out[:, batch["input_ids"].shape[1]:]
-        for row in answer_ids:
-            stop = [i for i, tok in enumerate(row.tolist()) if tok in _stop_ids(tokenizer, model)]
-            kept = row[: stop[0]] if stop else row
+        for row, limit in zip(answer_ids, limits):
+            kept = _answer_tokens(row[:limit].tolist(), stop_ids)
             new_tokens += len(kept)
             texts.append(clean_output(tokenizer.decode(kept, skip_special_tokens=True), config.first_line))
         if on_batch:
-            on_batch(len(answer_ids))
+            on_batch(rows)
     return GenerationResult(texts, new_tokens, time.perf_counter() - start, truncated)
+
+
+def _answer_tokens(row: list[int], stop_ids: set[int]) -> list[int]:
+    """The tokens before the first stop token (EOS, or the padding after a row that finished early)."""
+    for index, token in enumerate(row):
+        if token in stop_ids:
+            return row[:index]
+    return row
 
 
 def _stop_ids(tokenizer, model) -> set[int]:

@@ -42,6 +42,9 @@ def serve(
     max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (413 above)."),
     max_items: int = typer.Option(200, help="Most history items per request (413 above)."),
     threads: str | None = typer.Option(None, help=THREADS_HELP),
+    batch_window_ms: float = typer.Option(10.0, help="How long a generate request waits to share a batch."),
+    max_batch: int = typer.Option(8, help="Most generate requests in one batched forward."),
+    adapter_slots: int = typer.Option(32, help="User adapters kept loaded (LRU, >= --max-batch)."),
 ) -> None:
     """Run the HTTP API (``prisp serve --store DIR``); see the sub-commands for keys and exports."""
     if ctx.invoked_subcommand is not None:
@@ -58,6 +61,7 @@ def serve(
         anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=resolve_threads(threads),
         personalize=PersonalizeConfig(strategy=strategy, lr=lr, progress=False),
         limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),
+        batch_window_ms=batch_window_ms, max_batch=max_batch, adapter_slots=adapter_slots,
     )
     _run_server(config, key)
 

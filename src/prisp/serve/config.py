@@ -57,6 +57,11 @@ class ServeConfig:
         cache_size: Decrypted adapters kept in memory (LRU, keyed by user and version).
         threads: torch CPU threads (None: leave torch's default).
         limits: Request limits.
+        batch_window_ms: How long a generate request waits for others to share its batched forward
+            (0: batch only what is already queued).
+        max_batch: Most generate requests in one batched forward.
+        adapter_slots: User adapters kept loaded in the serving model (LRU); at least ``max_batch``,
+            since every distinct adapter of a batch needs its own slot.
     """
 
     store: Path
@@ -70,6 +75,9 @@ class ServeConfig:
     cache_size: int = 64
     threads: int | None = None
     limits: ServeLimits = field(default_factory=ServeLimits)
+    batch_window_ms: float = 10.0
+    max_batch: int = 8
+    adapter_slots: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
@@ -81,6 +89,15 @@ class ServeConfig:
             raise PrispError(f"--cache-size must be at least 1, got {self.cache_size}")
         if self.threads is not None and self.threads < 1:
             raise PrispError(f"--threads must be at least 1, got {self.threads}")
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise PrispError(f"--batch-window-ms must be in 0..1000, got {self.batch_window_ms}")
+        if not 1 <= self.max_batch <= 256:
+            raise PrispError(f"--max-batch must be in 1..256, got {self.max_batch}")
+        if self.adapter_slots > 1024:
+            raise PrispError(f"--adapter-slots must be at most 1024, got {self.adapter_slots}")
+        if self.adapter_slots < self.max_batch:
+            raise PrispError(f"--adapter-slots must be at least --max-batch ({self.max_batch}): each adapter "
+                             f"of a batch needs its own slot; got {self.adapter_slots}")
         if self.anchors_dir is not None and not Path(self.anchors_dir).is_dir():
             raise PrispError(f"--anchors-dir {self.anchors_dir} is not a directory")
         if not (self.anchors or self.anchors_dir or self.random_anchors):

@@ -1,106 +1,240 @@
-"""One base model for every user: adapters are copied into a peft slot per request, under one lock.
+"""One base model for every user: concurrent requests share one batched forward with per-row adapters.
 
-Why a lock and not batching across users: on CPU one forward pass already uses every torch thread,
-so serving two users at once would not be faster, and mixing adapters inside one batch needs
-multi-LoRA kernels (vLLM / punica); for that, export the folded adapters (``prisp serve export``).
-The lock makes "copy this user's A and B into the slot, then generate" atomic, so concurrent
-requests of different users can never see each other's weights.
+Why batch across users: at the default model's size (135M parameters) one CPU forward pass over 8 rows
+costs far less than 8 forward passes of one row (a single row leaves the matrix kernels mostly idle
+and pays the Python and dispatch overhead of 30 layers for every token), so answering concurrent
+requests together raises throughput instead of only queueing them behind one lock. Measured once on
+the shared 2-core machine, 1 torch thread, SmolLM2-135M: 8 LaMP-4 requests of 4 users with random
+adapters took 31 s one at a time and 7.8 s as one batch, with identical answers.
+
+How: ``generate`` puts the request on a queue and waits. One batcher thread takes the first waiting
+request, waits up to ``batch_window_ms`` for more (or until ``max_batch`` are there), places each
+distinct adapter of the batch in its own peft adapter slot (:mod:`prisp.serve.slots`, a bounded LRU
+pool) and runs one greedy generation with peft's mixed-adapter batches (``adapter_names``: row i goes
+through slot i's LoRA only). Decoding is :func:`prisp.generation.generate` itself, the same code the
+unbatched path and the benchmarks use: left padding with an attention mask, each row cut to its own
+``max_new_tokens``, first line kept.
+
+Isolation: a row's LoRA delta is computed from its own slot only (peft gathers the rows of each adapter
+and adds that adapter's ``B A x`` to them alone), slots are matched by the identity of the adapter object
+(never recycled while a slot holds it), and only the batcher thread touches the model, under a lock.
+
+Equality with the unbatched answer: greedy decoding is causal and padded positions are masked, so a
+row's tokens do not depend on the other rows; the logits can differ from a batch-1 run by float
+rounding (different kernel blocking), which changes an answer only at an exact near-tie of the top two
+logits, exactly as for the batched predictions of ``prisp eval``.
 
 Memory: the serving model is a structural copy of the base that *shares* its (frozen) weight tensors,
-so peft's in-place injection never touches the pristine base that Stage 2 jobs deep-copy.
+so peft's in-place injection never touches the pristine base that Stage 2 jobs deep-copy; each slot
+adds one adapter's A and B (1.8 MiB for r 8 on q/v of the default model).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
+import queue
 import threading
-import warnings
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
-import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from prisp.adapters import LoraWeights, attach_lora, parse_module_name
-from prisp.errors import AdapterError
+from prisp.adapters import LoraWeights, shared_copy
+from prisp.errors import PrispError
 from prisp.generation import GenerationConfig, generate
+from prisp.serve.slots import AdapterSlots, Owner
 
-SlotKey = tuple[int, float, bool, tuple[str, ...]]  # what fixes peft's scaling and layer set
-
-
-def _slot_key(weights: LoraWeights) -> SlotKey:
-    spec = weights.spec
-    return (spec.r, float(spec.alpha), spec.use_rslora, tuple(sorted(spec.target_modules)))
+__all__ = ["BatchStats", "ServingModel"]
 
 
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s module tree whose parameters and buffers are the very same tensors."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters of the batcher since the start.
+
+    Attributes:
+        batches: Batched generations run.
+        requests: Requests answered in them (failed ones included).
+        largest: Most requests in one batch.
+        adapter_loads: Adapters copied into a slot (slot-pool misses).
+    """
+
+    batches: int = 0
+    requests: int = 0
+    largest: int = 0
+    adapter_loads: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        """Mean requests per batch (0 before the first)."""
+        return self.requests / self.batches if self.batches else 0.0
+
+
+@dataclass
+class _Request:
+    weights: LoraWeights
+    prompt: str
+    max_new_tokens: int
+    owner: Owner | None
+    answer: Future = field(default_factory=Future)
+
+
+_STOP = object()  # queue sentinel: the batcher exits
 
 
 class ServingModel:
-    """The base model plus one peft LoRA slot per adapter spec; thread-safe generation.
+    """The base model plus a pool of peft LoRA slots; thread-safe, batching concurrent requests.
 
     Attributes:
         base: The pristine base model (never modified here; Stage 2 copies it).
-        tokenizer: Used for generation, under the lock.
+        tokenizer: Used for generation, by the batcher thread only.
         train_tokenizer: A private copy for background jobs (fast tokenizers are not safe to share
             across threads while one of them changes truncation settings).
+        batch_window_ms: How long the batcher waits for companions of a request (0: take what is queued).
+        max_batch: Most requests in one batched generation.
     """
 
-    def __init__(self, base: nn.Module, tokenizer):
+    def __init__(self, base: nn.Module, tokenizer, batch_window_ms: float = 10.0, max_batch: int = 8,
+                 adapter_slots: int = 32):
+        """Set up the engine; the batcher thread starts with the first request.
+
+        Raises:
+            PrispError: A negative window, ``max_batch`` below 1, or fewer slots than ``max_batch``
+                (a batch of distinct users needs one slot each).
+        """
+        if not batch_window_ms >= 0:  # also refuses NaN
+            raise PrispError(f"--batch-window-ms must be at least 0, got {batch_window_ms}")
+        if max_batch < 1:
+            raise PrispError(f"--max-batch must be at least 1, got {max_batch}")
+        if adapter_slots < max_batch:
+            raise PrispError(f"--adapter-slots ({adapter_slots}) must be at least --max-batch ({max_batch})")
         self.base = base.eval()
         self.tokenizer = tokenizer
         self.train_tokenizer = copy.deepcopy(tokenizer)
-        self._lock = threading.Lock()
-        self._peft: nn.Module | None = None
-        self._slots: dict[SlotKey, str] = {}
-        self._index: dict[str, dict[tuple[int, str], tuple[nn.Linear, nn.Linear]]] = {}
+        self.batch_window_ms = batch_window_ms
+        self.max_batch = max_batch
+        self.slots = AdapterSlots(self.base, adapter_slots)
+        self._queue: queue.Queue = queue.Queue()
+        self._model_lock = threading.Lock()  # held while the model or the slots are used or changed
+        self._state_lock = threading.Lock()  # guards the thread's start/stop and the counters
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stats = BatchStats()
 
-    def generate(self, weights: LoraWeights, prompt: str, max_new_tokens: int) -> str:
-        """Answer ``prompt`` with ``weights`` applied on the base model (greedy, first line)."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=1)
-        with self._lock:
-            model = self._activate(weights)
-            result = generate(model, self.tokenizer, [prompt], config)
-        return result.texts[0]
+    def generate(self, weights: LoraWeights, prompt: str, max_new_tokens: int,
+                 owner: Owner | None = None) -> str:
+        """Answer ``prompt`` with ``weights`` applied on the base model (greedy, first line).
 
-    def _activate(self, weights: LoraWeights) -> nn.Module:
-        """Put ``weights`` into the slot for their spec and make it the only active adapter."""
-        key = _slot_key(weights)
-        if self._peft is None:
-            self._peft = attach_lora(shared_copy(self.base), weights).eval()
-            self._slots[key] = "default"
-        elif key not in self._slots:
-            name = f"slot{len(self._slots)}"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # peft warns about adding adapters to a model in eval mode
-                self._peft.add_adapter(name, weights.spec.to_peft_config())
-            self._slots[key] = name
-        name = self._slots[key]
-        self._peft.set_adapter(name)
-        self._peft.eval()
-        self._copy_into(name, weights)
-        return self._peft
+        Blocks until the batch holding this request is done.
 
-    @torch.no_grad()
-    def _copy_into(self, name: str, weights: LoraWeights) -> None:
-        index = self._index.get(name) or self._build_index(name)
-        if index.keys() != weights.pairs.keys():
-            raise AdapterError(f"adapter modules {sorted(weights.pairs)[:2]}... do not match the serving "
-                               "slot")
-        for key, pair in weights.pairs.items():
-            lora_A, lora_B = index[key]
-            lora_A.weight.copy_(pair.A)  # [r, in]
-            lora_B.weight.copy_(pair.B)  # [out, r]
+        Args:
+            weights: The adapter; the same object for the same adapter (slots match by identity).
+            prompt: The raw prompt (the chat template is applied here).
+            max_new_tokens: This request's answer budget.
+            owner: ``(user id, task)`` of a user's own adapter, so :meth:`forget` can unload it.
 
-    def _build_index(self, name: str) -> dict[tuple[int, str], tuple[nn.Linear, nn.Linear]]:
-        index = {}
-        for qualified, module in self._peft.named_modules():
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                site = parse_module_name(qualified)
-                if site is not None:
-                    index[(site.layer, site.name)] = (module.lora_A[name], module.lora_B[name])
-        self._index[name] = index
-        return index
+        Raises:
+            AdapterError: ``weights`` do not fit the base model.
+            PrispError: The engine is shut down, or ``max_new_tokens`` is below 1.
+        """
+        if max_new_tokens < 1:
+            raise PrispError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        request = _Request(weights, prompt, max_new_tokens, owner)
+        with self._state_lock:
+            if self._closed:
+                raise PrispError("the serving model is shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prisp-batcher", daemon=True)
+                self._thread.start()
+            self._queue.put(request)
+        return request.answer.result()
+
+    def stats(self) -> BatchStats:
+        """A snapshot of the batch counters."""
+        with self._state_lock:
+            return self._stats
+
+    def forget(self, user_id: str, task: str | None = None) -> int:
+        """Unload a user's adapters (of one task, or all) from the slots; waits for a running batch.
+
+        A request that fetched the adapter before a deletion and is still queued loads it once more;
+        it then ages out of the pool like any other.
+        """
+        with self._model_lock:
+            return self.slots.forget(user_id, task)
+
+    def place(self, weights: LoraWeights, owner: Owner | None = None) -> str:
+        """Load ``weights`` into a slot now, as a batch would (for measuring the swap cost); its slot name."""
+        with self._model_lock:
+            return self.slots.place(weights, set(), owner)
+
+    def close(self) -> None:
+        """Finish the queued requests, then stop the batcher thread; later requests are refused."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(_STOP)
+        if thread is not None:
+            thread.join()
+
+    # ---- the batcher thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = self._collect(first)
+            self._serve(batch)
+            if stop:
+                return
+
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
+        """``first`` plus whatever arrives within the window, up to ``max_batch``; True if told to stop."""
+        batch = [first]
+        deadline = time.monotonic() + self.batch_window_ms / 1000
+        while len(batch) < self.max_batch:
+            try:
+                # Already queued requests (piled up during the previous batch) are taken without waiting.
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _serve(self, batch: list[_Request]) -> None:
+        """Run one batched generation; every request's future gets its answer or its error."""
+        with self._model_lock:
+            pinned: set[str] = set()
+            ready, names = [], []
+            for request in batch:
+                try:  # one unfit adapter fails its own request only
+                    names.append(self.slots.place(request.weights, pinned, request.owner))
+                    ready.append(request)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting request thread
+                    request.answer.set_exception(exc)
+            if ready:
+                try:
+                    texts = self._decode(ready, names)
+                except Exception as exc:  # noqa: BLE001 - the batcher must survive; callers see the error
+                    for request in ready:
+                        request.answer.set_exception(exc)
+                else:
+                    for request, text in zip(ready, texts):
+                        request.answer.set_result(text)
+            loads = self.slots.loads
+        with self._state_lock:
+            s = self._stats
+            self._stats = BatchStats(batches=s.batches + 1, requests=s.requests + len(batch),
+                                     largest=max(s.largest, len(batch)), adapter_loads=loads)
+
+    def _decode(self, batch: list[_Request], names: list[str]) -> list[str]:
+        config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in batch), batch_size=len(batch))
+        result = generate(self.slots.model, self.tokenizer, [r.prompt for r in batch], config,
+                          adapter_names=names, budgets=[r.max_new_tokens for r in batch])
+        return result.texts

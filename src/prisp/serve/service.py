@@ -74,7 +74,8 @@ class PrispService:
         except BaseException:
             self.store.close()
             raise
-        self.engine = ServingModel(loaded.model, loaded.tokenizer)
+        self.engine = ServingModel(loaded.model, loaded.tokenizer, batch_window_ms=config.batch_window_ms,
+                                   max_batch=config.max_batch, adapter_slots=config.adapter_slots)
         self.cache = AdapterCache(config.cache_size)
         self.jobs = JobQueue(config.limits.max_pending_jobs)
         # Guards "which version is current" together with the cache, so a deletion or a new version can
@@ -84,8 +85,9 @@ class PrispService:
         self._erasures: dict[str, int] = {}
 
     def close(self) -> None:
-        """Stop the job worker (waits for a running job) and close the store."""
+        """Stop the job worker (waits for a running job) and the batcher, then close the store."""
         self.jobs.shutdown()
+        self.engine.close()
         self.store.close()
 
     # ---- users and tokens ----------------------------------------------------------------------
@@ -202,6 +204,7 @@ class PrispService:
                 raise Conflict("the user's data was deleted while this job ran; its result was discarded")
             record = self.store.save(request, result.weights)
             self.cache.drop_user(user_id, task)  # older versions of this task can never be served again
+        self.engine.forget(user_id, task)  # outside the lock: it may wait for a running batch
         return record.version
 
     # ---- generation ----------------------------------------------------------------------------
@@ -217,7 +220,8 @@ class PrispService:
         weights, version = self.adapter_for(user_id, task)
         prompt = query_prompt(task, text, label_set(task, [text]))
         budget = min(get_task(task).max_new_tokens, self.limits.max_new_tokens)
-        return self.engine.generate(weights, prompt, budget), version
+        owner = None if version is None else (user_id, task)  # anchors belong to nobody
+        return self.engine.generate(weights, prompt, budget, owner=owner), version
 
     def adapter_for(self, user_id: str, task: str) -> tuple[LoraWeights, int | None]:
         """The weights a user is served with for ``task`` and their version (None: the anchor)."""
@@ -252,6 +256,7 @@ class PrispService:
             self.jobs.forget_user(user_id)
             self.store.delete_user(user_id)
             self.cache.drop_user(user_id)
+        self.engine.forget(user_id)  # unload them from the serving model's slots too
         logger.info("deleted user %s (%d adapters)", user_id, removed)
         return removed
 
@@ -263,4 +268,5 @@ class PrispService:
             self.jobs.forget_user(user_id)
             removed = self.store.delete_adapters(user_id)
             self.cache.drop_user(user_id)
+        self.engine.forget(user_id)
         return removed
