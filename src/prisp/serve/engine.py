@@ -25,7 +25,7 @@ rounding (different kernel blocking), which changes an answer only at an exact n
 logits, exactly as for the batched predictions of ``prisp eval``.
 
 Memory: the serving model is a structural copy of the base that *shares* its (frozen) weight tensors,
-so peft's in-place injection never touches the pristine base that Stage 2 jobs deep-copy; each slot
+so peft's in-place injection never touches the pristine base that Stage 2 jobs copy from; each slot
 adds one adapter's A and B (1.8 MiB for r 8 on q/v of the default model).
 """
 
