@@ -19,6 +19,7 @@ from prisp.training import (
     causal_lm_loss,
     collate,
     fit_example,
+    micro_batches,
     tokenize_examples,
     train,
     warmup_then_decay,
@@ -80,7 +81,7 @@ QUIET = {"progress": False}
 @pytest.mark.parametrize(
     "option,value",
     [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),
-     ("warmup_ratio", 1.0), ("max_grad_norm", 0.0), ("max_length", 1), ("micro_batch_size", 0),
+     ("warmup_ratio", 1.0), ("max_grad_norm", 0.0), ("max_length", 1), ("micro_batch_size", 0), ("micro_batch_tokens", 0),
      ("schedule_steps", 0), ("schedule_start", -1), ("max_steps", 0)],
 )
 def test_config_validation_names_the_option(option, value):
@@ -221,6 +222,30 @@ def test_micro_batches_match_full_batch():
 
     for x, y in zip(run(None), run(2), strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_token_capped_micro_batches_match_full_batch():
+    def run(micro: int | None, tokens: int | None) -> list[torch.Tensor]:
+        model = tiny_model()
+        params = trainable(model)
+        config = TrainConfig(batch_size=6, micro_batch_size=micro, micro_batch_tokens=tokens, lr=1e-2, **QUIET)
+        losses = train(model, params, random_examples(12), config).losses
+        return [p.detach() for p in params] + [torch.tensor(losses)]
+
+    for x, y in zip(run(None, None), run(4, 25), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batches_group_by_length_within_row_and_token_caps():
+    examples = [TokenizedExample([1] * n, [IGNORE_INDEX] * (n - 1) + [1]) for n in (30, 5, 12, 6, 29, 11, 40)]
+    chunks = micro_batches(examples, TrainConfig(micro_batch_size=3, micro_batch_tokens=60, **QUIET))
+    assert sorted(map(id, (e for c in chunks for e in c))) == sorted(map(id, examples))  # each exactly once
+    lengths = [[len(e.input_ids) for e in c] for c in chunks]
+    assert lengths == [[5, 6, 11], [12, 29], [30], [40]]  # greedy in length order
+    assert all(len(c) * max(c) <= 60 for c in lengths)
+    assert micro_batches(examples, TrainConfig(micro_batch_tokens=10, **QUIET))[-1] == [examples[-1]]  # alone
+    unlimited = micro_batches(examples, TrainConfig(**QUIET))
+    assert len(unlimited) == 1 and [len(e.input_ids) for e in unlimited[0]] == sorted(len(e.input_ids) for e in examples)
 
 
 def test_custom_loss_fn_hook_runs_in_train_mode():

@@ -205,6 +205,7 @@ def personalize_cmd(
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: Table 7 for the task]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: Table 7 for the task]."),
     micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
+    micro_batch_tokens: int = typer.Option(640, help="Cap on a chunk's padded tokens (bounds memory; same update)."),
     seed: int = typer.Option(0, help="Seed."),
     model: str = typer.Option("smollm2-135m", help="Base model."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
@@ -216,7 +217,7 @@ def personalize_cmd(
 
     spec = get_task(task)
     config = PersonalizeConfig(strategy=strategy, k=k, epochs=epochs, lr=lr, batch_size=batch_size,
-                               micro_batch_size=micro_batch_size, seed=seed)
+                               micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens, seed=seed)
     items, labels = _read_history(history, spec.name, user)
     if not items:
         raise PrispError(f"{history}: the user's history is empty; personalization needs at least one item")

@@ -45,8 +45,11 @@ class TrainConfig:
         seed: Seeds the shuffling and dropout (the caller's RNG state is restored after).
         max_length: Longest sequence in tokens; longer examples lose the left of their prompt.
         progress: Show a tqdm progress bar.
-        micro_batch_size: Split each batch into chunks this big to bound memory; gradients
-            are accumulated so the update equals the full batch's. None: no split.
+        micro_batch_size: Split each batch into chunks of at most this many examples to bound memory;
+            gradients are accumulated so the update equals the full batch's. None: no limit.
+        micro_batch_tokens: Also cap a chunk's padded size (rows x longest row) at this many tokens, so
+            long examples go fewer to a chunk (same update). None: no cap. A single longer example still
+            forms its own chunk.
         schedule_steps: Length of the LR schedule (warm-up + decay) in optimiser steps, when
             this call is part of a longer run trained over several calls. None: this call's steps.
         schedule_start: Steps of that schedule done before this call (by earlier calls); the
@@ -65,6 +68,7 @@ class TrainConfig:
     max_length: int = 512
     progress: bool = True
     micro_batch_size: int | None = None
+    micro_batch_tokens: int | None = None
     schedule_steps: int | None = None
     schedule_start: int = 0
     max_steps: int | None = None
@@ -81,6 +85,8 @@ class TrainConfig:
             "max_length": isinstance(self.max_length, int) and self.max_length >= 2,
             "micro_batch_size": self.micro_batch_size is None
             or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
+            "micro_batch_tokens": self.micro_batch_tokens is None
+            or (isinstance(self.micro_batch_tokens, int) and self.micro_batch_tokens >= 1),
             "schedule_steps": self.schedule_steps is None
             or (isinstance(self.schedule_steps, int) and self.schedule_steps >= 1),
             "schedule_start": isinstance(self.schedule_start, int) and self.schedule_start >= 0,
@@ -373,18 +379,32 @@ def _target_count(example: TokenizedExample) -> int:
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
+def micro_batches(batch: Sequence[TokenizedExample], config: TrainConfig) -> list[list[TokenizedExample]]:
+    """Split one optimiser batch into chunks of similar length within the config's row and token caps.
+
+    Sorting by length before chunking wastes little on padding; the loss weighting in ``_step`` keeps the
+    update exact whatever the grouping (only dropout masks land on other rows).
+    """
+    rows = config.micro_batch_size or len(batch)
+    budget = config.micro_batch_tokens
+    chunks: list[list[TokenizedExample]] = []
+    for example in sorted(batch, key=lambda e: len(e.input_ids)):
+        chunk = chunks[-1] if chunks else None
+        # Ascending order: this example is the chunk's longest, so it sets the padded width.
+        if chunk is None or len(chunk) >= rows or (budget and (len(chunk) + 1) * len(example.input_ids) > budget):
+            chunks.append([example])
+        else:
+            chunk.append(example)
+    return chunks
+
+
 def _step(model, params, batch, optimizer, config: TrainConfig, loss_fn: LossFn, pad_id: int) -> float:
     """One optimiser step over ``batch``, in micro-batches weighted by scored tokens."""
     optimizer.zero_grad(set_to_none=True)
     device = params[0].device
     total = sum(_target_count(e) for e in batch)
-    micro = config.micro_batch_size or len(batch)
-    # Chunks of similar length waste little on padding; the token weights below keep the update exact
-    # whatever the grouping (only dropout masks land on other rows).
-    by_length = sorted(batch, key=lambda e: len(e.input_ids))
     value = 0.0
-    for start in range(0, len(by_length), micro):
-        chunk = by_length[start : start + micro]
+    for chunk in micro_batches(batch, config):
         # Each chunk's loss is a mean over its tokens; re-weighting makes the sum the batch mean.
         weight = sum(_target_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
         loss = loss_fn(model, collate(chunk, pad_id, device)) * weight

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from prisp.adapters import LoraWeights, shared_copy
+from prisp.adapters import LoraWeights
 from prisp.errors import PrispError
 from prisp.generation import GenerationConfig, generate
 from prisp.serve.slots import AdapterSlots, Owner
