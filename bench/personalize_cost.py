@@ -134,10 +134,15 @@ def main() -> None:
     parser.add_argument("--old-strategies", default="prisp,oppu", help="strategies also run on --old-code")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/personalize_cost.md")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--profile", metavar="TASK", default=None,
+                        help="instead: one prisp user of TASK under torch.profiler (after a warm-up user); writes "
+                             "the op table to --out's _profile.md")
     parser.add_argument("--serve-jobs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_jobs:
         return serve_jobs(args)
+    if args.profile:
+        return profile(args)
     records_path = args.out.with_suffix(".jsonl")
     meta_path = args.out.with_suffix(".meta.json")
     if not args.report_only:
@@ -184,6 +189,30 @@ def run(args, records_path: Path, meta_path: Path) -> None:
             old.close()
         meta["runs"][-1]["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         meta_path.write_text(json.dumps(meta, indent=1))
+
+
+def profile(args) -> None:
+    """Where one user's time goes: torch.profiler's operator table and the loop's share of ``personalize()``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    worker = Personalizer(args.data, args.threads)
+    warm = worker.run(args.profile, 1, "prisp")  # another user first: one-off allocations stay out of the table
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        record = worker.run(args.profile, 0, "prisp")
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    out = args.out.with_name(args.out.stem + "_profile.md")
+    command = " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    out.write_text("\n".join([
+        f"# Where a PRISP user's time goes ({args.profile}, {record['user']}, default model)", "",
+        "```", command, "```", "",
+        f"git {git_revision()}; torch threads {args.threads}; `uptime`: `{uptime}`. Warm-up user "
+        f"({warm['user']}) {warm['wall_s']:.1f} s, then the profiled user: `personalize()` {record['wall_s']:.1f} s "
+        f"wall (under the profiler, which adds overhead), of which the training loop {record['train_s']:.1f} s; "
+        f"{record['examples']} examples, {record['steps']} optimizer steps.", "",
+        "Operators by self CPU time (torch.profiler, `key_averages()`):", "", "```", table, "```", ""]))
+    print(f"wrote {out}")
 
 
 def _mean(values) -> float:

@@ -36,6 +36,7 @@ def personalize_batch_command(
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: Table 7 for the task]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: Table 7 for the task]."),
     micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
+    micro_batch_tokens: int = typer.Option(640, help="Cap on a chunk's padded tokens (bounds memory; same update)."),
     max_length: int = typer.Option(512, help="Tokens per training example."),
     progress: bool = typer.Option(True, help="Progress bar over users on stderr."),
     key_file: Optional[Path] = typer.Option(None, help="Key of an encrypted serving store given as --out "
@@ -52,7 +53,8 @@ def personalize_batch_command(
 
     spec = get_task(task)
     training = PersonalizeConfig(strategy=strategy, k=k, epochs=epochs, lr=lr, batch_size=batch_size,
-                                 micro_batch_size=micro_batch_size, max_length=max_length, seed=seed,
+                                 micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens,
+                                 max_length=max_length, seed=seed,
                                  progress=False)
     config = BatchConfig(task=spec.name, model=model, backend=backend, workers=workers, threads=threads,
                          ray_address=ray_address, retries=retries, personalize=training)
