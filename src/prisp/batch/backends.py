@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
@@ -43,6 +45,21 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
+
+
+def outcomes(backend: Backend, queue: deque) -> Iterator[tuple[Job, UserOutcome]]:
+    """Keep ``backend`` full from ``queue`` and yield each finished ``(job, outcome)`` until both are empty.
+
+    The caller may append to ``queue`` while iterating (e.g. a retry); it is picked up before the end.
+    """
+    in_flight = 0
+    while queue or in_flight:
+        while queue and in_flight < backend.capacity:
+            backend.submit(queue.popleft())
+            in_flight += 1
+        job, outcome = backend.next_outcome()
+        in_flight -= 1
+        yield job, outcome
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

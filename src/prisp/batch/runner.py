@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from prisp.adapters import LoraWeights
-from prisp.batch.backends import Backend, make_backend
+from prisp.batch.backends import Backend, make_backend, outcomes
 from prisp.batch.config import BatchConfig, WorkerPlan
 from prisp.batch.sink import AdapterSink
 from prisp.batch.users import UserJob, UserSet
@@ -169,13 +169,8 @@ class _Run:
 
     def dispatch(self, pending: list[Assignment], backend: Backend, spec: WorkerSpec) -> None:
         """Keep ``backend`` full until every pending job has an outcome, retrying transient failures."""
-        queue, in_flight = deque(pending), 0
-        while queue or in_flight:
-            while queue and in_flight < backend.capacity:
-                backend.submit(queue.popleft())
-                in_flight += 1
-            job, outcome = backend.next_outcome()
-            in_flight -= 1
+        queue = deque(pending)
+        for job, outcome in outcomes(backend, queue):
             if outcome.worker and outcome.worker_peak_rss_mb:
                 peaks = self.summary.worker_peak_mb
                 peaks[outcome.worker] = max(peaks.get(outcome.worker, 0.0), outcome.worker_peak_rss_mb)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prisp.adapters import LoraWeights
-from prisp.batch.backends import LocalBackend
+from prisp.batch.backends import LocalBackend, outcomes
 from prisp.batch.config import WorkerPlan
 from prisp.batch.worker import UserOutcome, WorkerContext, WorkerSpec
 from prisp.data.lamp import LampSplit
@@ -99,13 +99,8 @@ class UserPool:
 
     def _run(self, jobs: list[PersonalJob], on_user) -> dict[str, UserOutcome]:
         """Keep every worker busy until each job is back; the first failure stops the cell."""
-        backend, queue, in_flight, done = self._backend, deque(jobs), 0, {}
-        while queue or in_flight:
-            while queue and in_flight < backend.capacity:
-                backend.submit(queue.popleft())
-                in_flight += 1
-            job, outcome = backend.next_outcome()
-            in_flight -= 1
+        done = {}
+        for job, outcome in outcomes(self._backend, deque(jobs)):
             if not outcome.ok:
                 raise PrispError(f"{self.task} user {job.user_id}: {outcome.error}")
             done[job.user_id] = outcome
