@@ -35,6 +35,10 @@ def default_data_dir() -> Path:
     return Path(os.environ["PRISP_DATA"]) if os.environ.get("PRISP_DATA") else SAMPLE_DIR
 
 
+DECODE_HELP = ("Label tasks (LaMP-1/2/2N/3): auto = labels; labels = rank the task's label set by the model's "
+               "log-likelihood (always a label); free = greedy generation (snapped to a label in predict).")
+
+
 def load_for_inference(model_name: str, adapter: Optional[Path], threads: Optional[str]):
     """Load the base model (and a peft adapter on top) with a status line on stderr."""
     from prisp.models import load_model
@@ -71,6 +75,8 @@ def predict(
     limit: Optional[int] = typer.Option(None, help="Answer only the first N queries."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
     snap: bool = typer.Option(True, help="Map label answers that start with a label onto it ('1' -> '[1]')."),
+    decode: str = typer.Option("auto", help=DECODE_HELP),
+    label_normalise: str = typer.Option("mean", help="Label scoring: mean (per token, EOS included) or sum."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Answer a LaMP split with NP or RAG prompts and write the predictions."""
@@ -89,7 +95,7 @@ def predict(
     if personalized and anchor is None:
         raise PrispError(f"--method {method} personalizes each user and needs --anchor DIR")
     config = PredictConfig(method=variant_method(rag, pag) if personalized else method, k=k, history=history,
-                           limit=limit, snap_labels=snap,
+                           limit=limit, snap_labels=snap, decode=decode, label_normalise=label_normalise,
                            generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
     split_data = load_task_split(data or default_data_dir(), spec.name, split, require_golds=False)
     loaded = load_for_inference(model, adapter, threads)
@@ -289,18 +295,31 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, help="A peft LoRA directory to apply."),
     task: Optional[str] = typer.Option(None, help="Wrap --input in the task's Table 16 prompt."),
     max_new_tokens: int = typer.Option(64, help="Answer budget."),
+    decode: str = typer.Option("auto", help=DECODE_HELP + " Needs --task for labels."),
     model: str = typer.Option("smollm2-135m", help="Base model."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Generate one answer, optionally with an adapter."""
     from prisp.data.prompts import query_prompt
+    from prisp.data.tasks import label_set
     from prisp.generation import GenerationConfig
     from prisp.generation import generate as run_generate
+    from prisp.predict import DECODE_MODES, decode_mode
+    from prisp.scoring import score_labels
 
     if not input.strip():
         raise PrispError("--input is empty")
-    prompt = query_prompt(task, input) if task else input
+    if decode not in DECODE_MODES:
+        raise PrispError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "labels" and not task:
+        raise PrispError("--decode labels needs --task (the label set is the task's)")
+    mode = decode_mode(task, decode) if task else "free"
+    labels = label_set(task, [input]) if task else ()
+    prompt = query_prompt(task, input, labels) if task else input
     loaded = load_for_inference(model, adapter, threads)
+    if mode == "labels":
+        typer.echo(score_labels(loaded.model, loaded.tokenizer, [prompt], labels).choices[0])
+        return
     result = run_generate(loaded.model, loaded.tokenizer, [prompt], GenerationConfig(max_new_tokens=max_new_tokens,
                                                                                        first_line=False))
     typer.echo(result.texts[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from prisp.data.tasks import get_task, label_set, snap_to_label
 from prisp.errors import DataError
 from prisp.generation import GenerationConfig, GenerationResult, generate
 from prisp.retrieval import Bm25Retriever
+from prisp.scoring import score_labels
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,23 @@ def variant_method(rag: bool, pag: bool) -> str:
     return table[(rag, pag)]
 
 
+DECODE_MODES = ("auto", "labels", "free")
+
+
+def decode_mode(task: str, decode: str) -> str:
+    """``labels`` or ``free`` for ``task`` under ``--decode`` (``auto``: labels wherever the task has a label set).
+
+    Raises:
+        DataError: ``labels`` asked of a generation task.
+    """
+    spec = get_task(task)
+    if decode == "auto":
+        return "free" if spec.kind == "generation" else "labels"
+    if decode == "labels" and spec.kind == "generation":
+        raise DataError(f"--decode labels needs a task with a label set; {spec.name} is a generation task")
+    return decode
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """Options for one prediction run.
@@ -60,6 +79,10 @@ class PredictConfig:
         generation: decoding options (default: greedy with the task's ``max_new_tokens``).
         snap_labels: map label-task answers that start with a label onto it (see ``snap_to_label``).
         profiles: ``{query id: profile text}`` for the PAG methods (see ``prisp.profiles.query_profiles``).
+        decode: ``free`` (greedy generation, then ``snap_labels``), ``labels`` (rank the task's label set by
+            log-likelihood, ``prisp.scoring``; the answer is always a label) or ``auto``: labels for
+            classification and rating tasks, free for generation tasks.
+        label_normalise: ``mean`` or ``sum`` of the label's token log-probabilities (``prisp.scoring``).
     """
 
     method: str = "np"
@@ -69,8 +92,12 @@ class PredictConfig:
     generation: GenerationConfig | None = None
     snap_labels: bool = True
     profiles: Mapping[str, str] = field(default_factory=dict)
+    decode: str = "auto"
+    label_normalise: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise DataError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.method not in METHODS:
             raise DataError(f"unknown method {self.method!r}; expected one of: {', '.join(METHODS)}")
         if self.k < 1:
@@ -124,10 +151,30 @@ def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
                         "has none (generate them with prisp.profiles.split_profiles)")
     prompts = [build_prompt(spec.name, q, method, config, labels) for q in queries]
     gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens)
-    result = generate(model, tokenizer, prompts, gen_config, on_batch=on_batch)
-    outputs = [snap_to_label(t, labels) for t in result.texts] if config.snap_labels else list(result.texts)
+    if decode_mode(spec.name, config.decode) == "labels":
+        result = _scored(model, tokenizer, prompts, labels, config, gen_config, on_batch)
+        outputs = list(result.texts)
+    else:
+        result = generate(model, tokenizer, prompts, gen_config, on_batch=on_batch)
+        outputs = [snap_to_label(t, labels) for t in result.texts] if config.snap_labels else list(result.texts)
     return PredictionRun(spec.name, [q.id for q in queries], prompts, outputs, result,
                          [q.gold for q in queries], list(result.texts))
+
+
+def _scored(model, tokenizer, prompts, labels, config: PredictConfig, gen_config: GenerationConfig,
+            on_batch) -> GenerationResult:
+    """Label answers by scoring, reported in generation's result type (no tokens are generated)."""
+    start = time.perf_counter()
+    texts: list[str] = []
+    truncated = 0
+    for begin in range(0, len(prompts), gen_config.batch_size):
+        chunk = prompts[begin:begin + gen_config.batch_size]
+        scored = score_labels(model, tokenizer, chunk, labels, config.label_normalise, gen_config.max_input_tokens)
+        texts += scored.choices
+        truncated += scored.truncated_prompts
+        if on_batch:
+            on_batch(len(chunk))
+    return GenerationResult(texts, 0, time.perf_counter() - start, truncated)
 
 
 def write_json_atomic(path: Path | str, payload: object) -> None:

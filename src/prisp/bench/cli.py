@@ -45,6 +45,10 @@ def bench_command(
         "with cores // N torch threads (default 1: in this process). Per-Pcs, PriME and prompt-only "
         "methods stay in this process.",
     ),
+    decode: str = typer.Option(
+        "free", help="Label tasks: free (greedy generation snapped to a label; the paper's protocol) | labels "
+        "(rank the label set by log-likelihood) | auto (labels where the task has a label set)."
+    ),
     progress: bool = typer.Option(True, help="Show progress bars."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Only (re)write report.md and the figures from the rows already there."
@@ -73,6 +77,7 @@ def bench_command(
         hypernet=hypernet,
         seed=seed,
         workers=workers,
+        decode=decode,
         progress=progress,
     )
     if report_only:

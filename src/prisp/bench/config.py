@@ -68,6 +68,8 @@ class BenchConfig:
         data_sizes, data_size_tasks, data_size_users: Figure 6 sweep over user items (Base variant).
         prisp_anchor: ``hypernet`` (shipped or ``hypernet`` checkpoint; task-adapted when none exists) or
             ``task-adapted``; a callable given to ``run_bench`` overrides both.
+        decode: how label tasks are answered: ``free`` (the paper's protocol: greedy generation snapped to a
+            label; the default), ``labels`` / ``auto`` (rank the label set by log-likelihood, ``prisp.scoring``).
         workers: processes the users of a personal-method cell (PRISP, OPPU, ablations) run on, each
             loading the model once with ``cores // workers`` torch threads; 1 runs them in this process.
             Sharer and prompt-only methods always run in this process.
@@ -104,6 +106,7 @@ class BenchConfig:
     prisp_anchor: str = "hypernet"
     hypernet: Path | None = None
     workers: int = 1
+    decode: str = "free"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -129,6 +132,8 @@ class BenchConfig:
             raise PrispError(f"--data-sizes must be positive item counts, got {list(self.data_sizes)}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise PrispError(f"--workers must be a positive integer, got {self.workers!r}")
+        if self.decode not in ("free", "labels", "auto"):
+            raise PrispError(f"--decode must be free, labels or auto, got {self.decode!r}")
         if self.prisp_anchor not in ("hypernet", "task-adapted"):
             raise PrispError(f"--prisp-anchor must be hypernet or task-adapted, got {self.prisp_anchor!r}")
 

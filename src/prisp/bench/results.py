@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS_NAME = "results.jsonl"
-KEY_FIELDS = ("model", "protocol", "split", "task", "method", "variant", "items", "users")
+KEY_FIELDS = ("model", "protocol", "split", "decode", "task", "method", "variant", "items", "users")
+KEY_DEFAULTS = {"decode": "free"}  # rows written before label decoding existed were all free decoding
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Cell:
 
 def row_key(row: dict) -> tuple:
     """The identity of a result row."""
-    return tuple(row.get(name) for name in KEY_FIELDS)
+    return tuple(row.get(name, KEY_DEFAULTS.get(name)) for name in KEY_FIELDS)
 
 
 class ResultStore:

@@ -85,7 +85,8 @@ def grid(config: BenchConfig, task: str) -> list[Cell]:
 
 def cell_key(config: BenchConfig, cell: Cell) -> tuple:
     return row_key(
-        {"model": config.model, "protocol": config.protocol, "split": config.split, **asdict(cell)}
+        {"model": config.model, "protocol": config.protocol, "split": config.split, "decode": config.decode,
+         **asdict(cell)}
     )
 
 
@@ -98,7 +99,8 @@ def predict_config(config: BenchConfig, ctx: TaskContext, split: LampSplit, vari
         batch_size=config.gen_batch_size,
         max_input_tokens=config.max_input_tokens,
     )
-    return PredictConfig(method=variant, history=items, generation=gen, profiles=profiles), seconds
+    pconf = PredictConfig(method=variant, history=items, generation=gen, profiles=profiles, decode=config.decode)
+    return pconf, seconds
 
 
 def run_prompt(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSplit, pconf) -> MethodOutcome:
@@ -239,6 +241,7 @@ def make_row(
         "model": config.model,
         "protocol": config.protocol,
         "split": config.split,
+        "decode": config.decode,
         **asdict(cell),
         "label": method.label,
         "kind": method.kind,
