@@ -21,6 +21,7 @@ from prisp.data.tasks import get_task, label_set
 from prisp.generation import GenerationConfig, generate
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
+from prisp.scoring import score_labels
 from prisp.serve.app import create_app
 from prisp.serve.config import ServeConfig, ServeLimits
 from prisp.serve.keys import generate_key
@@ -89,7 +90,7 @@ def tiny(tiny_model_dir):
 def anchors(tmp_path_factory, tiny, tiny_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("anchors")
     out = {}
-    for seed, task in enumerate(("LaMP-4", "LaMP-7"), start=1):
+    for seed, task in enumerate(("LaMP-4", "LaMP-7", "LaMP-1"), start=1):
         out[task] = save_adapter(noisy_anchor(tiny.model, seed), root / task, str(tiny_model_dir))
     return out
 
@@ -146,6 +147,32 @@ def reference(tiny, weights: LoraWeights, text: str = TEXT, task: str = "LaMP-4"
     return generate(model, tiny.tokenizer, [prompt], config).texts[0]
 
 
+CITATION = ('For an author who has written the paper with the title "Budget rules for city councils", which '
+            'reference is related? Just answer with [1] or [2] without explanation. [1]: "Municipal finance '
+            'and debate" [2]: "Deep learning for protein folding"')
+
+
+def test_decode_labels_answers_with_the_most_likely_label(live, client, tiny):
+    """``decode`` in the request: labels by default on a label task, free on request, refused where it cannot be."""
+    user, headers = new_user(client)
+    anchor = live.service.anchors["LaMP-1"]
+    model = attach_lora(copy.deepcopy(tiny.model), anchor).eval()
+    prompt = query_prompt("LaMP-1", CITATION, label_set("LaMP-1", [CITATION]))
+    expected = score_labels(model, tiny.tokenizer, [prompt], label_set("LaMP-1")).choices[0]
+    url = f"/v1/users/{user}/generate"
+    for decode in ("labels", None):  # None: the task's default, labels on LaMP-1
+        body = {"task": "LaMP-1", "input": CITATION} | ({"decode": decode} if decode else {})
+        response = client.post(url, json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"output": expected, "adapter_version": None}
+    free = client.post(url, json={"task": "LaMP-1", "input": CITATION, "decode": "free"}, headers=headers)
+    assert free.status_code == 200 and free.json()["output"] == reference(tiny, anchor, CITATION, "LaMP-1")
+    refused = client.post(url, json={"task": "LaMP-4", "input": TEXT, "decode": "labels"}, headers=headers)
+    assert refused.status_code == 422 and "generation task" in refused.json()["detail"]
+    bogus = client.post(url, json={"task": "LaMP-1", "input": CITATION, "decode": "beam"}, headers=headers)
+    assert bogus.status_code == 422 and "decode" in bogus.json()["detail"]
+
+
 def stored(live, user: str, task: str = "LaMP-4") -> LoraWeights:
     return live.service.store.load(live.service.store.current(user, task))
 
@@ -160,7 +187,7 @@ def same_weights(a: LoraWeights, b: LoraWeights) -> bool:
 
 def test_health_and_openapi(client):
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["tasks"] == ["LaMP-4", "LaMP-7"]
+    assert health["status"] == "ok" and health["tasks"] == ["LaMP-1", "LaMP-4", "LaMP-7"]
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/users", "/v1/users/{user_id}/personalize", "/v1/jobs/{job_id}",
                  "/v1/users/{user_id}/update", "/v1/users/{user_id}/generate", "/v1/users/{user_id}",

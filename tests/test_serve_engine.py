@@ -17,6 +17,7 @@ from prisp.errors import AdapterError, PrispError
 from prisp.generation import GenerationConfig, generate
 from prisp.models import load_model
 from prisp.serve.engine import ServingModel
+from prisp.scoring import score_labels
 from prisp.serve.slots import AdapterSlots
 
 TEXTS = ("Cats.", "The city council approved the new budget after a long debate.",
@@ -203,3 +204,40 @@ def test_close_refuses_new_requests(tiny, users, alone):
 def test_engine_options_are_validated(tiny, options, message):
     with pytest.raises(PrispError, match=message):
         ServingModel(tiny.model, tiny.tokenizer, **options)
+
+
+LABELS = ("politics", "sports", "food", "travel", "science", "business", "comedy", "wellness")
+
+
+def test_label_requests_share_batches_and_score_through_their_own_adapter(tiny, users, alone):
+    """``decode: labels`` requests ride in the batches of generation requests; each is scored by its own slot."""
+    prompts = [query_prompt("LaMP-2N", t, LABELS) for t in TEXTS[:2]]
+    reference = {}
+    for name, weights in users.items():
+        model = attach_lora(copy.deepcopy(tiny.model), weights).eval()
+        for p, prompt in enumerate(prompts):
+            reference[name, p] = score_labels(model, tiny.tokenizer, [prompt], LABELS).choices[0]
+    assert len(set(reference.values())) > 1, "the users must disagree or routing would go untested"
+    engine = ServingModel(tiny.model, tiny.tokenizer, batch_window_ms=50, max_batch=8, adapter_slots=8)
+    plan = [(name, p, kind) for name in users for p in range(2) for kind in ("labels", "free")]
+    start = threading.Barrier(len(plan))
+
+    def ask(entry):
+        name, p, kind = entry
+        start.wait(timeout=30)
+        if kind == "labels":
+            return engine.score(users[name], prompts[p], LABELS)
+        return engine.generate(users[name], prompts[p], BUDGETS[p])
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+            answers = list(pool.map(ask, plan))
+        stats = engine.stats()
+        with pytest.raises(PrispError, match="label set"):
+            engine.score(users["alice"], prompts[0], ())
+    finally:
+        engine.close()
+    for (name, p, kind), answer in zip(plan, answers):
+        expected = reference[name, p] if kind == "labels" else alone(users[name], prompts[p], BUDGETS[p])
+        assert answer == expected, (name, p, kind)
+    assert stats.largest > 1 and stats.requests == len(plan)

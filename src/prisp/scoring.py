@@ -58,14 +58,18 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _score_one(model, prompt_ids: list[int], candidates: list[list[int]], pad_id: int) -> torch.Tensor:
+def _score_one(model, prompt_ids: list[int], candidates: list[list[int]], pad_id: int,
+               adapter_name: str | None = None) -> torch.Tensor:
     """Summed log-probabilities ``[L]`` of each candidate continuing ``prompt_ids``."""
     device = next(model.parameters()).device
+    n = len(candidates)
+    # peft's mixed-adapter forward: every row through one named adapter (the server's slots).
+    route = (lambda rows: {"adapter_names": [adapter_name] * rows}) if adapter_name else (lambda rows: {})
     prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **route(1))
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [V]: the first answer token
     cache = out.past_key_values
-    n, width = len(candidates), max(len(c) for c in candidates)
+    width = max(len(c) for c in candidates)
     totals = torch.tensor([first[c[0]].item() for c in candidates])  # [L]
     if width == 1:
         return totals
@@ -76,15 +80,18 @@ def _score_one(model, prompt_ids: list[int], candidates: list[list[int]], pad_id
     positions = torch.arange(len(prompt_ids), len(prompt_ids) + width, device=device).expand(n, width)
     # Feed all but each candidate's last token; position j predicts token j + 1.
     logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                   cache=cache, use_cache=True).logits.float()  # [L, W-1, V]
+                   cache=cache, use_cache=True, **route(n)).logits.float()  # [L, W-1, V]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # [L, W-1]
     real = torch.tensor([[j + 1 < len(c) for j in range(width - 1)] for c in candidates], device=device)
     return totals + (logprobs * real).sum(-1).cpu()
 
 
 def score_labels(model, tokenizer, prompts: Sequence[str], labels: Sequence[str], normalise: str = "mean",
-                 max_input_tokens: int = 1024) -> LabelScores:
+                 max_input_tokens: int = 1024, adapter_name: str | None = None) -> LabelScores:
     """The best label of ``labels`` for each prompt by the model's (normalised) log-likelihood.
+
+    ``adapter_name`` routes every row through that peft adapter (a model holding several, as the server's
+    slots do); None uses the model as it is.
 
     Raises:
         DataError: no labels, or an unknown normalisation.
@@ -104,7 +111,7 @@ def score_labels(model, tokenizer, prompts: Sequence[str], labels: Sequence[str]
         for prompt in prompts:
             ids, cut = _prompt_ids(tokenizer, prompt, max_input_tokens)
             truncated += cut
-            total = _score_one(model, ids, candidates, pad)
+            total = _score_one(model, ids, candidates, pad, adapter_name)
             rows.append(total / lengths if normalise == "mean" else total)
     finally:
         model.train(was_training)

@@ -101,7 +101,7 @@ def job_state(job_id: JobId, token: Token, service: Service) -> JobState:
 @router.post("/v1/users/{user_id}/generate", response_model=Generated, responses=_ERRORS, tags=["generation"])
 def generate(body: GenerateRequest, user_id: UserId, token: Token, service: Service) -> Generated:
     """Answer with the user's adapter for the task, or the task anchor alone (``adapter_version`` null)."""
-    output, version = service.generate(user_id, token, body.task, body.input)
+    output, version = service.generate(user_id, token, body.task, body.input, body.decode)
     return Generated(output=output, adapter_version=version)
 
 

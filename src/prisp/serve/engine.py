@@ -13,7 +13,9 @@ distinct adapter of the batch in its own peft adapter slot (:mod:`prisp.serve.sl
 pool) and runs one greedy generation with peft's mixed-adapter batches (``adapter_names``: row i goes
 through slot i's LoRA only). Decoding is :func:`prisp.generation.generate` itself, the same code the
 unbatched path and the benchmarks use: left padding with an attention mask, each row cut to its own
-``max_new_tokens``, first line kept.
+``max_new_tokens``, first line kept. Label answers (``decode: labels``) ride in the same batches: each is
+scored by :func:`prisp.scoring.score_labels` through its own slot (``adapter_name``), after the batch's
+generation, so only the batcher thread ever touches the model.
 
 Isolation: a row's LoRA delta is computed from its own slot only (peft gathers the rows of each adapter
 and adds that adapter's ``B A x`` to them alone), slots are matched by the identity of the adapter object
@@ -43,6 +45,7 @@ from torch import nn
 from prisp.adapters import LoraWeights
 from prisp.errors import PrispError
 from prisp.generation import GenerationConfig, generate
+from prisp.scoring import score_labels
 from prisp.serve.slots import AdapterSlots, Owner
 
 __all__ = ["BatchStats", "ServingModel"]
@@ -76,6 +79,7 @@ class _Request:
     prompt: str
     max_new_tokens: int
     owner: Owner | None
+    labels: tuple[str, ...] = ()  # non-empty: answer by scoring these labels instead of generating
     answer: Future = field(default_factory=Future)
 
 
@@ -139,7 +143,19 @@ class ServingModel:
         """
         if max_new_tokens < 1:
             raise PrispError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        request = _Request(weights, prompt, max_new_tokens, owner)
+        return self._submit(_Request(weights, prompt, max_new_tokens, owner))
+
+    def score(self, weights: LoraWeights, prompt: str, labels: tuple[str, ...], owner: Owner | None = None) -> str:
+        """The label of ``labels`` most likely as the answer to ``prompt`` under ``weights`` (``decode: labels``).
+
+        Queued and batched with generation requests; same arguments and errors as :meth:`generate`, and
+        ``labels`` must not be empty.
+        """
+        if not labels:
+            raise PrispError("label scoring needs a label set; this task has none")
+        return self._submit(_Request(weights, prompt, 1, owner, tuple(labels)))
+
+    def _submit(self, request: _Request) -> str:
         with self._state_lock:
             if self._closed:
                 raise PrispError("the serving model is shut down")
@@ -234,7 +250,17 @@ class ServingModel:
                                      largest=max(s.largest, len(batch)), adapter_loads=loads)
 
     def _decode(self, batch: list[_Request], names: list[str]) -> list[str]:
-        config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in batch), batch_size=len(batch))
-        result = generate(self.slots.model, self.tokenizer, [r.prompt for r in batch], config,
-                          adapter_names=names, budgets=[r.max_new_tokens for r in batch])
-        return result.texts
+        texts: list[str | None] = [None] * len(batch)
+        free = [i for i, r in enumerate(batch) if not r.labels]
+        if free:
+            config = GenerationConfig(max_new_tokens=max(batch[i].max_new_tokens for i in free),
+                                      batch_size=len(free))
+            result = generate(self.slots.model, self.tokenizer, [batch[i].prompt for i in free], config,
+                              adapter_names=[names[i] for i in free], budgets=[batch[i].max_new_tokens for i in free])
+            for i, text in zip(free, result.texts):
+                texts[i] = text
+        for i, request in enumerate(batch):
+            if request.labels:
+                texts[i] = score_labels(self.slots.model, self.tokenizer, [request.prompt], request.labels,
+                                        adapter_name=names[i]).choices[0]
+        return texts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 # A LaMP profile item: "id" plus the task's fields (e.g. LaMP-4: text, title), optional "date".
@@ -31,6 +33,9 @@ class GenerateRequest(_Request):
                             examples=["LaMP-4"])
     input: StrictStr = Field(min_length=1, description="The LaMP input text (or any question).",
                              examples=["Generate a headline for the following article: The council met."])
+    decode: Literal["auto", "labels", "free"] = Field(
+        "auto", description="labels: the task's most likely label (always a valid label); free: greedy "
+        "generation; auto: labels on classification and rating tasks (LaMP-1/2/2N/3), free otherwise.")
 
 
 class UserCreated(BaseModel):

@@ -18,6 +18,7 @@ from prisp.data.tasks import get_task, label_set, normalize_task_name
 from prisp.errors import PrispError
 from prisp.models import LoadedModel, load_model
 from prisp.personalize import personalize
+from prisp.predict import decode_mode
 from prisp.serve.auth import IssuedToken, hash_token, issue_token, token_matches, valid_user_id
 from prisp.serve.config import ServeConfig
 from prisp.serve.engine import ServingModel
@@ -209,18 +210,27 @@ class PrispService:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def generate(self, user_id: str, token: str | None, task: str, text: str) -> tuple[str, int | None]:
-        """Answer ``text`` for a user: their adapter for the task, or the task anchor when they have none."""
+    def generate(self, user_id: str, token: str | None, task: str, text: str,
+                 decode: str = "auto") -> tuple[str, int | None]:
+        """Answer ``text`` for a user: their adapter for the task, or the task anchor when they have none.
+
+        ``decode``: ``labels`` ranks the task's label set by likelihood (the answer is always a label),
+        ``free`` generates greedily, ``auto`` is labels on classification and rating tasks.
+        """
         self.authorize(user_id, token)
         task = self.served_task(task)
         if not text.strip():
             raise ServeError("input is empty")
         if len(text) > self.limits.max_input_chars:
             raise ServeError(f"input is {len(text)} characters long (limit {self.limits.max_input_chars})")
+        mode = decode_mode(task, decode)
         weights, version = self.adapter_for(user_id, task)
-        prompt = query_prompt(task, text, label_set(task, [text]))
-        budget = min(get_task(task).max_new_tokens, self.limits.max_new_tokens)
+        labels = label_set(task, [text])
+        prompt = query_prompt(task, text, labels)
         owner = None if version is None else (user_id, task)  # anchors belong to nobody
+        if mode == "labels":
+            return self.engine.score(weights, prompt, labels, owner=owner), version
+        budget = min(get_task(task).max_new_tokens, self.limits.max_new_tokens)
         return self.engine.generate(weights, prompt, budget, owner=owner), version
 
     def adapter_for(self, user_id: str, task: str) -> tuple[LoraWeights, int | None]:
