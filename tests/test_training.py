@@ -342,3 +342,25 @@ def test_one_schedule_over_several_calls():
         train(model, params, data, TrainConfig(**QUIET), state=TrainState(optimizer=kept[-1].optimizer[:1]))
     with pytest.raises(ValueError, match="at step 9"):
         train(model, params, data, TrainConfig(batch_size=2, **QUIET), state=TrainState(step=9))
+
+
+def test_param_lrs_give_each_parameter_its_own_rate():
+    """One step with rates [a, b] moves each parameter exactly as a plain run at its own rate does."""
+    config = TrainConfig(batch_size=8, lr=1e-3, warmup_ratio=0.0, max_steps=1, **QUIET)
+    data = random_examples(8)
+
+    def step(lr: float, param_lrs=None) -> list[torch.Tensor]:
+        model = tiny_model()
+        params = trainable(model)
+        before = [p.detach().clone() for p in params]
+        train(model, params, data, TrainConfig(**{**config.__dict__, "lr": lr}), param_lrs=param_lrs)
+        return [p.detach() - b for p, b in zip(params, before, strict=True)]
+
+    mixed = step(1e-3, param_lrs=[1e-3, 5e-2])
+    torch.testing.assert_close(mixed[0], step(1e-3)[0], rtol=0, atol=1e-7)
+    torch.testing.assert_close(mixed[1], step(5e-2)[1], rtol=0, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(step(1e-3, [1e-3, 1e-3]), step(1e-3), strict=True))
+    model = tiny_model()
+    for bad in ([1e-3], [1e-3, 0.0]):
+        with pytest.raises(ValueError, match="one positive learning rate per parameter"):
+            train(model, trainable(model), data, config, param_lrs=bad)

@@ -427,9 +427,12 @@ def _batches(fitted: list[TokenizedExample], config: TrainConfig) -> Iterator[li
             yield [fitted[i] for i in order[first : first + config.batch_size]]
 
 
-def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, state: TrainState | None):
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, state: TrainState | None,
+                    param_lrs: Sequence[float] | None = None):
     """AdamW over ``params``, with the moments of ``state`` when it has them (hyper-parameters: ``config``)."""
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # One group per parameter when rates differ keeps the saved state's index i = parameter i.
+    groups = params if param_lrs is None else [{"params": [p], "lr": lr} for p, lr in zip(params, param_lrs)]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     if state is None or state.optimizer is None:
         return optimizer
     if len(state.optimizer) != len(params):
@@ -474,6 +477,7 @@ def train(
     pad_id: int = 0,
     state: TrainState | None = None,
     on_step: StepCallback | None = None,
+    param_lrs: Sequence[float] | None = None,
 ) -> TrainResult:
     """Train exactly ``params`` of ``model`` on ``examples``.
 
@@ -497,11 +501,17 @@ def train(
         pad_id: Token id used for right padding (masked out, so any valid id works).
         state: Where to continue from (see :class:`TrainState`); None: a fresh call.
         on_step: ``on_step(state, loss)`` after every optimiser step, e.g. to checkpoint.
+        param_lrs: peak learning rate of each parameter of ``params`` (same order), for factors that
+            need their own (the r x r bridge learns at a far higher rate than B); the warm-up and decay
+            scale them all alike. None: ``config.lr`` for every parameter.
 
     Returns:
         Losses, learning rates, time and memory of the steps this call took.
     """
     _check_params(params)
+    if param_lrs is not None and (len(param_lrs) != len(params) or not all(lr > 0 for lr in param_lrs)):
+        raise ValueError(f"train() param_lrs needs one positive learning rate per parameter ({len(params)}), "
+                         f"got {len(param_lrs)}")
     if not examples:
         raise ValueError("train() needs at least one example")
     fitted = [fit_example(e, config.max_length) for e in examples]
@@ -511,7 +521,7 @@ def train(
     if not 0 <= first <= call_steps:
         raise ValueError(f"train() state is at step {first} but this call has {call_steps} steps")
     last = call_steps if config.max_steps is None else max(first, min(call_steps, config.max_steps))
-    optimizer = _make_optimizer(params, config, state)
+    optimizer = _make_optimizer(params, config, state, param_lrs)
     total_steps = config.schedule_steps or call_steps
     factor = warmup_then_decay(total_steps, round(config.warmup_ratio * total_steps))
     offset = config.schedule_start + first  # schedule position of this call's first step
