@@ -122,6 +122,8 @@ def test_quick_profile_writes_every_row_the_report_and_the_figures(quick_run, ti
     paired = report.split("## How much the differences mean")[1].split("##")[0]
     for name in ("NP", "OPPU", "Per-Pcs", "PriME"):
         assert f"| {name} | {', '.join(config.tasks)} | " in paired
+        for task in config.tasks:  # and one row per task, so an average cannot hide a task
+            assert f"| {name} | {task} | " in paired.split("Per task, best variant:")[1]
     for name in ("fig3_cost.png", "fig4_tradeoff.png", "fig6_data_size.png"):
         assert f"]({name})" in report and (out / name).read_bytes().startswith(PNG)
 
@@ -254,4 +256,59 @@ def test_workers_below_one_are_refused_with_one_line(workers, tmp_path):
                                             "--out", str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"prisp: error: --workers must be a positive integer, got {workers}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_are_keyed_by_schedule_and_old_rows_read_as_paper(tmp_path):
+    from prisp.bench.results import Cell
+    from prisp.bench.runner import cell_key
+
+    cell = Cell("LaMP-4", "prisp", "np", 10, 4)
+    paper = cell_key(profile_config("quick", tasks=("LaMP-4",)), cell)
+    tuned = cell_key(profile_config("quick", tasks=("LaMP-4",), schedule="tuned"), cell)
+    assert paper != tuned
+    config = profile_config("quick", tasks=("LaMP-4",))
+    old_row = {"model": config.model, "protocol": config.protocol, "split": config.split, "task": "LaMP-4",
+               "method": "prisp", "variant": "np", "items": 10, "users": 4}
+    assert row_key(old_row) == paper
+    result = CliRunner().invoke(prisp_app, ["bench", "--profile", "quick", "--schedule", "fast",
+                                            "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2 and "--schedule must be one of paper, tuned" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_tuned_schedule_run_trains_with_the_tuned_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """``--schedule tuned`` end to end: its rows carry the schedule and the adapters the tuned hyperparameters."""
+    from prisp.personalize.hyperparams import TUNED
+
+    monkeypatch.setenv("PRISP_HOME", str(tmp_path / "home"))
+    out = tmp_path / "tuned"
+    _bench(out, tiny_model_dir, "--tasks", "LaMP-4", "--methods", "np,anchor,prisp", "--variants", "np",
+           "--schedule", "tuned")
+    rows = [r for r in _rows(out) if r["method"] == "prisp"]
+    assert rows and all(r["schedule"] == "tuned" for r in _rows(out))
+    # The Stage-1-only row: PRISP's own anchor, nothing trained per user.
+    (anchor_row,) = [r for r in _rows(out) if r["method"] == "anchor" and r["items"] == rows[0]["items"]]
+    assert anchor_row["kind"] == "anchor" and anchor_row["anchor"] == rows[0]["anchor"]
+    assert anchor_row["trainable_params"] in (0, None) and not anchor_row["cached_users"]
+    reports = list((out / "cache").rglob("personalization.json"))
+    assert reports
+    for path in reports:
+        used = json.loads(path.read_text())["hyperparameters"]
+        tuned = TUNED["prisp"]["LaMP-4"]
+        assert (used["schedule"], used["lr"], used["epochs"]) == ("tuned", tuned.lr, tuned.epochs)
+    assert "Stage-2 schedule `tuned`" in (out / "report.md").read_text()
+
+
+def test_data_sizes_none_skips_the_sweep_and_bad_sizes_are_one_line(tmp_path):
+    from prisp.bench.cli import _data_sizes
+    from prisp.bench.runner import grid
+
+    config = profile_config("quick", data_sizes=_data_sizes("none"))
+    assert config.data_sizes == () and all(cell.items == config.items for cell in grid(config, "LaMP-2N"))
+    assert {cell.items for cell in grid(profile_config("quick"), "LaMP-2N")} > {config.items}
+    result = CliRunner().invoke(prisp_app, ["bench", "--profile", "quick", "--data-sizes", "1,five",
+                                            "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "prisp: error: --data-sizes takes item counts such as 1,5,10 or none, got '1,five'"
     assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ from prisp.adapters import (
 from prisp.cli import SAMPLE_DIR, app
 from prisp.data.examples import item_example, query_examples, user_examples
 from prisp.data.lamp import Query, load_task_split
-from prisp.errors import AdapterError, DataError
+from prisp.errors import AdapterError, DataError, PrispError
 from prisp.personalize import STRATEGIES, PersonalizeConfig, personalization_hyperparams, personalize
+from prisp.personalize.hyperparams import TUNED
 from prisp.personalize.per_user import cache_adapter
 from prisp.personalize.personalizer import _prepare
 from prisp.training import TrainConfig, _decoder_and_head, tokenize_examples, train
@@ -187,6 +189,82 @@ def test_table7_hyperparameters():
     assert personalization_hyperparams("LaMP_5").lr == 1e-6
 
 
+# Table 7 of the paper, "PRISP (Ours)" (batch, epochs, lr), typed in from the paper, not read from the code.
+PAPER_TABLE7 = {"LaMP-1": (16, 1, 2e-4), "LaMP-2": (16, 1, 1e-4), "LaMP-2N": (16, 1, 1e-4), "LaMP-3": (6, 1, 1e-4),
+                "LaMP-4": (16, 1, 5e-4), "LaMP-5": (10, 1, 1e-6), "LaMP-7": (16, 1, 3e-6)}
+SEARCHED = ("LaMP-1", "LaMP-2N", "LaMP-4", "LaMP-5")
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_the_paper_schedule_is_table7_exactly(strategy):
+    for task, (batch, epochs, lr) in PAPER_TABLE7.items():
+        for config in (PersonalizeConfig(strategy=strategy), PersonalizeConfig(strategy=strategy, schedule="paper")):
+            loop = config.train_config(task)
+            assert (loop.batch_size, loop.epochs, loop.lr) == (batch, epochs, lr), task
+
+
+def test_the_tuned_schedule_is_the_searchs_choice():
+    """TUNED holds what bench/results/schedule_search.md chose, for every searched task and strategy."""
+    report = Path(__file__).resolve().parents[1] / "bench/results/schedule_search.md"
+    chosen = {}
+    in_table = False
+    for line in report.read_text().splitlines():
+        in_table = in_table or line.startswith("## Chosen")
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if in_table and len(cells) == 7 and cells[0].startswith("LaMP"):
+            factors = {f: float(v) for f, v in zip("BC", cells[5:]) if v != "–"}
+            chosen[cells[0], cells[1]] = (int(cells[4]), int(cells[3]), float(cells[2]), factors)
+    assert {(t, s) for t, s in chosen} == {(t, s) for t in SEARCHED for s in ("prisp", "oppu", "no-bridge",
+                                                                             "bridge-only")}
+    for (task, strategy), (batch, epochs, lr, factors) in chosen.items():
+        config = PersonalizeConfig(strategy=strategy, schedule="tuned")
+        loop = config.train_config(task)
+        assert (loop.batch_size, loop.epochs, loop.lr) == (batch, epochs, lr), (task, strategy)
+        assert config.factor_lrs(task) == factors, (task, strategy)
+    assert personalization_hyperparams("LaMP-2N", "prisp", "tuned") == TUNED["prisp"]["LaMP-2N"]
+
+
+def test_schedule_overrides_and_refusals():
+    tuned = TUNED["prisp"]["LaMP-4"]
+    loop = PersonalizeConfig(schedule="tuned", lr=0.5).train_config("LaMP-4")
+    assert (loop.lr, loop.epochs, loop.batch_size) == (0.5, tuned.epochs, tuned.batch_size)
+    with pytest.raises(PrispError, match="no tuned Stage-2 schedule for prisp on LaMP-7"):
+        PersonalizeConfig(schedule="tuned").train_config("LaMP-7")
+    with pytest.raises(PrispError, match="no tuned Stage-2 schedule for full-lora"):
+        PersonalizeConfig(strategy="full-lora", schedule="tuned").train_config("LaMP-4")
+    explicit = PersonalizeConfig(schedule="tuned", lr=0.1, epochs=2, batch_size=3).train_config("LaMP-7")
+    assert (explicit.lr, explicit.epochs, explicit.batch_size) == (0.1, 2, 3)  # nothing left to look up
+    with pytest.raises(PrispError, match="--schedule must be one of paper, tuned"):
+        PersonalizeConfig(schedule="fast")
+    with pytest.raises(PrispError, match="--lr-c must be positive, got -1"):
+        PersonalizeConfig(lr_C=-1)
+
+
+def test_factor_learning_rates_reach_their_factors(base, tiny_tokenizer, anchor, history):
+    """The bridge's own rate applies to C alone, is recorded, and an explicit --lr drops a row's factor rates."""
+    from prisp.personalize import get_strategy
+    from prisp.personalize.personalizer import _factors
+
+    assert _factors(get_strategy("prisp"), 6) == ["B", "C"] * 3
+    assert _factors(get_strategy("oppu"), 4) == ["A", "B"] * 2
+    assert _factors(get_strategy("bridge-only"), 3) == ["C"] * 3
+
+    def run(**options):
+        config = PersonalizeConfig(epochs=1, batch_size=64, lr=1e-4, progress=False, **options)
+        return personalize(base, tiny_tokenizer, anchor, "LaMP-4", history, config)
+
+    plain, fast_bridge = run(), run(lr_C=0.05)
+    assert plain.train.steps == 1 and fast_bridge.hyperparams["lr_C"] == 0.05 and "lr_C" not in plain.hyperparams
+    eye = torch.eye(anchor.spec.r)
+    moved = [max((c - eye).abs().max().item() for c in bridge_params(r.model)) for r in (plain, fast_bridge)]
+    # One AdamW step moves an entry by at most ~its lr: 1e-4 for the plain run's bridge, 0.05 for the fast one's.
+    assert moved[0] <= 1.1e-4 and moved[1] > 0.04
+    assert PersonalizeConfig(strategy="bridge-only", schedule="tuned").factor_lrs("LaMP-4") == \
+        TUNED["bridge-only"]["LaMP-4"].factor_lrs()
+    assert PersonalizeConfig(schedule="tuned", lr=1e-3).factor_lrs("LaMP-4") == {}
+    assert PersonalizeConfig(schedule="tuned", lr=1e-3, lr_C=0.2).factor_lrs("LaMP-4") == {"C": 0.2}
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
 
@@ -227,6 +305,19 @@ def test_personalize_cli_writes_a_folded_adapter_and_report(tiny_model_dir, anch
     assert generated.exit_code == 0, generated.output
 
 
+def test_personalize_cli_tuned_schedule(tiny_model_dir, anchor_dir, tmp_path):
+    tuned = TUNED["no-bridge"]["LaMP-4"]
+    result = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-4", "--history", QUESTIONS,
+                    "--user", "LaMP-4-dev-2", "--model", tiny_model_dir, "--strategy", "no-bridge",
+                    "--schedule", "tuned", "--out", tmp_path / "u", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "u" / "personalization.json").read_text())
+    used = report["hyperparameters"]
+    assert (used["schedule"], used["lr"], used["epochs"], used["batch_size"]) == (
+        "tuned", tuned.lr, tuned.epochs, tuned.batch_size)
+    assert report["train"]["steps"] == tuned.epochs * -(-report["examples"] // tuned.batch_size)
+
+
 def test_personalize_history_list_file(tiny_model_dir, anchor_dir, tmp_path):
     items = json.loads(QUESTIONS.read_text())[0]["profile"][:3]
     history = tmp_path / "history.json"
@@ -255,6 +346,11 @@ def test_personalize_refusals_leave_no_half_written_output(tiny_model_dir, ancho
                                                               "nope", *common))
     assert "--threads must be a positive integer or 'auto'" in _error_line(
         invoke("personalize", "--history", QUESTIONS, "--user", "LaMP-4-dev-0", "--threads", "0", *common))
+    assert "--schedule must be one of paper, tuned" in _error_line(
+        invoke("personalize", "--history", QUESTIONS, "--user", "LaMP-4-dev-0", "--schedule", "fast", *common))
+    assert "no tuned Stage-2 schedule for full-lora on LaMP-4" in _error_line(
+        invoke("personalize", "--history", QUESTIONS, "--user", "LaMP-4-dev-0", "--schedule", "tuned",
+               "--strategy", "full-lora", *common))
     assert not out.exists()
     # An existing adapter at --out survives a refused run untouched.
     model = build_tiny_llama(int(json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]))

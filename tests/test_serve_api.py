@@ -18,6 +18,7 @@ import torch
 from prisp.adapters import LoraSpec, LoraWeights, attach_lora, random_init, save_adapter
 from prisp.data.prompts import query_prompt
 from prisp.data.tasks import get_task, label_set
+from prisp.errors import PrispError
 from prisp.generation import GenerationConfig, generate
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
@@ -529,3 +530,19 @@ def test_fuzzed_requests_never_get_a_5xx(live):
     assert live.service.jobs.wait_idle(120)
     assert server_errors == []
     assert sent[0] > 80, sent
+
+
+def test_tuned_schedule_refuses_jobs_for_tasks_it_does_not_cover(tmp_path, tiny, tiny_model_dir, anchors, caplog):
+    """``--schedule tuned`` serves LaMP-7 (no searched row) but refuses to personalize it, up front (422)."""
+    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), anchors=anchors, limits=LIMITS,
+                         personalize=PersonalizeConfig(schedule="tuned", progress=False))
+    with caplog.at_level("WARNING"):
+        service = PrispService(config, generate_key(), tiny)
+    try:
+        assert "no Stage-2 row for LaMP-7" in caplog.text and "LaMP-4" not in caplog.text.split("row for")[1]
+        issued = service.create_user()
+        with pytest.raises(PrispError, match="no tuned Stage-2 schedule for prisp on LaMP-7"):
+            service.start_job(issued.user_id, issued.token, "LaMP-7", lamp4_items(2), update=False)
+        assert service.store.current(issued.user_id, "LaMP-7") is None
+    finally:
+        service.close()

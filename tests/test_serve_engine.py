@@ -16,8 +16,8 @@ from prisp.data.prompts import query_prompt
 from prisp.errors import AdapterError, PrispError
 from prisp.generation import GenerationConfig, generate
 from prisp.models import load_model
-from prisp.serve.engine import ServingModel
 from prisp.scoring import score_labels
+from prisp.serve.engine import ServingModel
 from prisp.serve.slots import AdapterSlots
 
 TEXTS = ("Cats.", "The city council approved the new budget after a long debate.",

@@ -68,6 +68,8 @@ def predict(
     pag: bool = typer.Option(False, help="Personalized methods: also prepend the user's PAG profile (written once "
                                          "by the base model, cached under $PRISP_HOME/profiles)."),
     cache: Optional[Path] = typer.Option(None, help="Per-user adapter cache [default: $PRISP_HOME/adapters]."),
+    schedule: str = typer.Option("paper", help="Personalized methods: Stage-2 schedule, paper (Table 7) or tuned "
+                                               "(searched on train users; bench/results/schedule_search.md)."),
     k: int = typer.Option(1, help="Items retrieved per query (rag)."),
     history: int = typer.Option(10, help="Recent history items retrieval may use (0 = whole profile)."),
     model: str = typer.Option("smollm2-135m", help="Registered name, local model dir or cached HF id."),
@@ -85,15 +87,17 @@ def predict(
     from prisp.data.lamp import load_task_split
     from prisp.data.tasks import get_task
     from prisp.generation import GenerationConfig
+    from prisp.personalize import STRATEGIES, PersonalizeConfig
     from prisp.predict import PredictConfig, predict_split, variant_method, write_json_atomic
     from prisp.profiles import with_profiles
-
-    from prisp.personalize import STRATEGIES
 
     spec = get_task(task)
     personalized = method in STRATEGIES
     if personalized and anchor is None:
         raise PrispError(f"--method {method} personalizes each user and needs --anchor DIR")
+    personal = PersonalizeConfig(strategy=method, schedule=schedule, progress=False) if personalized else None
+    if personal is not None:
+        personal.train_config(spec.name)  # an uncovered --schedule tuned is refused before the model loads
     config = PredictConfig(method=variant_method(rag, pag) if personalized else method, k=k, history=history,
                            limit=limit, snap_labels=snap, decode=decode, label_normalise=label_normalise,
                            generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
@@ -102,7 +106,7 @@ def predict(
     config = with_profiles(config, loaded.model, loaded.tokenizer, model, split_data)
     total = min(len(split_data.queries), limit or len(split_data.queries))
     if personalized:
-        run = _predict_personalized(loaded, model, split_data, anchor, method, config, cache)
+        run = _predict_personalized(loaded, model, split_data, anchor, personal, config, cache)
     else:
         with tqdm(total=total, desc=f"{spec.name} {method}", unit="q", file=sys.stderr) as bar:
             run = predict_split(loaded.model, loaded.tokenizer, split_data, config, on_batch=bar.update)
@@ -112,20 +116,19 @@ def predict(
                f"({len(run.ids) / gen.seconds:.2f} q/s, {gen.tokens_per_second:.1f} new tokens/s) -> {out}")
 
 
-def _predict_personalized(loaded, model_name, split_data, anchor, strategy, config, cache):
+def _predict_personalized(loaded, model_name, split_data, anchor, personal, config, cache):
     from tqdm import tqdm
 
     from prisp.adapters import load_adapter
     from prisp.models import prisp_home
-    from prisp.personalize import PersonalizeConfig
     from prisp.personalize.per_user import predict_personalized
 
     anchor_weights = load_adapter(anchor)
     anchor_weights.check_fits(loaded.model)
     users = len(split_data.users_asking(config.limit))
-    with tqdm(total=users, desc=f"{split_data.task} {strategy} users", unit="user", file=sys.stderr) as bar:
+    with tqdm(total=users, desc=f"{split_data.task} {personal.strategy} users", unit="user", file=sys.stderr) as bar:
         result = predict_personalized(loaded.model, loaded.tokenizer, model_name, split_data, anchor_weights,
-                                      PersonalizeConfig(strategy=strategy, progress=False), config,
+                                      personal, config,
                                       cache or prisp_home() / "adapters", on_user=lambda _: bar.update())
     trained = [u for u in result.users if not u.cached]
     typer.echo(f"personalized {len(result.users)} users ({len(trained)} trained, "
@@ -207,9 +210,10 @@ def personalize_cmd(
     user: Optional[str] = typer.Option(None, help="Query id whose profile to use, when --history is a questions file."),
     strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only."),
     k: int = typer.Option(10, help="Most recent history items used."),
-    epochs: int = typer.Option(1, help="Epochs over the user's examples."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: Table 7 for the task]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: Table 7 for the task]."),
+    schedule: str = typer.Option("paper", help="Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs over the user's examples [default: the schedule's]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the schedule's for the task]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the schedule's for the task]."),
     micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
     micro_batch_tokens: int = typer.Option(640, help="Cap on a chunk's padded tokens (bounds memory; same update)."),
     seed: int = typer.Option(0, help="Seed."),
@@ -222,8 +226,10 @@ def personalize_cmd(
     from prisp.personalize import PersonalizeConfig, personalize
 
     spec = get_task(task)
-    config = PersonalizeConfig(strategy=strategy, k=k, epochs=epochs, lr=lr, batch_size=batch_size,
-                               micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens, seed=seed)
+    config = PersonalizeConfig(strategy=strategy, k=k, schedule=schedule, epochs=epochs, lr=lr,
+                               batch_size=batch_size, micro_batch_size=micro_batch_size,
+                               micro_batch_tokens=micro_batch_tokens, seed=seed)
+    config.train_config(spec.name)  # an uncovered --schedule tuned is refused before the model loads
     items, labels = _read_history(history, spec.name, user)
     if not items:
         raise PrispError(f"{history}: the user's history is empty; personalization needs at least one item")

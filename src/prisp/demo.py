@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from prisp.data.lamp import load_task_split
-from prisp.metrics import evaluate, task_score
 from prisp.data.tasks import get_task, label_set
+from prisp.metrics import evaluate, task_score
 from prisp.models import load_model
 from prisp.predict import PredictConfig, predict_split
 

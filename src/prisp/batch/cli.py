@@ -32,9 +32,10 @@ def personalize_batch_command(
     seed: int = typer.Option(0, help="Run seed; each user's seed derives from it and the user id."),
     retries: int = typer.Option(2, help="Extra attempts for a user after a transient failure."),
     k: int = typer.Option(10, help="Most recent history items used per user."),
-    epochs: int = typer.Option(1, help="Epochs over each user's examples."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: Table 7 for the task]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: Table 7 for the task]."),
+    schedule: str = typer.Option("paper", help="Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs over each user's examples [default: the schedule's]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the schedule's for the task]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the schedule's for the task]."),
     micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
     micro_batch_tokens: int = typer.Option(640, help="Cap on a chunk's padded tokens (bounds memory; same update)."),
     max_length: int = typer.Option(512, help="Tokens per training example."),
@@ -52,10 +53,11 @@ def personalize_batch_command(
     from prisp.personalize import PersonalizeConfig
 
     spec = get_task(task)
-    training = PersonalizeConfig(strategy=strategy, k=k, epochs=epochs, lr=lr, batch_size=batch_size,
+    training = PersonalizeConfig(strategy=strategy, k=k, schedule=schedule, epochs=epochs, lr=lr, batch_size=batch_size,
                                  micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens,
                                  max_length=max_length, seed=seed,
                                  progress=False)
+    training.train_config(spec.name)  # an uncovered --schedule tuned is refused before any worker starts
     config = BatchConfig(task=spec.name, model=model, backend=backend, workers=workers, threads=threads,
                          ray_address=ray_address, retries=retries, personalize=training)
     user_set = load_users(users, spec.name)

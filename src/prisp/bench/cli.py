@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from prisp.console import THREADS_HELP, set_threads
+from prisp.errors import PrispError
 
 
 def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -19,7 +20,7 @@ def bench_command(
     methods: Optional[str] = typer.Option(
         None,
         help="Comma-separated: np, rag, pag, rag+pag, per-pcs, prime, oppu, "
-        "prisp (also full-lora, no-bridge, bridge-only).",
+        "prisp (also anchor = PRISP Stage 1 alone, full-lora, no-bridge, bridge-only).",
     ),
     variants: Optional[str] = typer.Option(
         None, help="Prompt variants of personalized methods: np,rag,pag,rag+pag."
@@ -32,7 +33,7 @@ def bench_command(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: bench/results/<profile>)."),
     model: Optional[str] = typer.Option(None, help="Base model: registered name, local dir or cached HF id."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    data_sizes: Optional[str] = typer.Option(None, help="Figure 6 user item counts, e.g. 1,5,10,30,50."),
+    data_sizes: Optional[str] = typer.Option(None, help="Figure 6 user item counts, e.g. 1,5,10,30,50, or none to skip the sweep (default: the profile's)."),
     prisp_anchor: Optional[str] = typer.Option(
         None, help="hypernet (falls back to task-adapted) | task-adapted."
     ),
@@ -49,6 +50,10 @@ def bench_command(
         "free", help="Label tasks: free (greedy generation snapped to a label; the paper's protocol) | labels "
         "(rank the label set by log-likelihood) | auto (labels where the task has a label set)."
     ),
+    schedule: str = typer.Option(
+        "paper", help="Stage-2 schedule of PRISP, OPPU and the ablations: paper (Table 7) | tuned (searched on "
+        "train users; bench/results/schedule_search.md)."
+    ),
     progress: bool = typer.Option(True, help="Show progress bars."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Only (re)write report.md and the figures from the rows already there."
@@ -59,7 +64,7 @@ def bench_command(
     from prisp.bench.runner import run_bench
 
     set_threads(threads)
-    sizes = tuple(int(s) for s in _csv(data_sizes)) if data_sizes else None
+    sizes = _data_sizes(data_sizes)
     config = profile_config(
         profile,
         tasks=_csv(tasks),
@@ -78,6 +83,7 @@ def bench_command(
         seed=seed,
         workers=workers,
         decode=decode,
+        schedule=schedule,
         progress=progress,
     )
     if report_only:
@@ -99,3 +105,14 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _data_sizes(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(s) for s in _csv(value))
+    except ValueError:
+        raise PrispError(f"--data-sizes takes item counts such as 1,5,10 or none, got {value!r}") from None

@@ -11,6 +11,7 @@ from prisp.bench.methods import DEFAULT_METHODS, VARIANTS, get_method
 from prisp.data.tasks import normalize_task_name
 from prisp.errors import PrispError
 from prisp.models import DEFAULT_MODEL
+from prisp.personalize.hyperparams import SCHEDULES
 from prisp.profiles import ProfileConfig
 from prisp.sharers import PerPcsConfig, PrimeConfig, SharerConfig
 
@@ -64,7 +65,9 @@ class BenchConfig:
         task_epochs: task-adaptation epochs (Table 7: 3).
         max_length: tokens per training example; max_input_tokens, gen_batch_size: decoding.
         max_new_tokens: caps every task's answer budget (None: the task's own budget).
-        personalize_lr: overrides Table 7's Stage-2 learning rate (personal methods).
+        personalize_lr: overrides the schedule's Stage-2 learning rate (personal methods).
+        schedule: Stage-2 schedule of PRISP, OPPU and the ablations: ``paper`` (Table 7) or ``tuned`` (searched
+            on train users, ``prisp.personalize.hyperparams.TUNED``). Sharer methods keep Table 7's own rows.
         data_sizes, data_size_tasks, data_size_users: Figure 6 sweep over user items (Base variant).
         prisp_anchor: ``hypernet`` (shipped or ``hypernet`` checkpoint; task-adapted when none exists) or
             ``task-adapted``; a callable given to ``run_bench`` overrides both.
@@ -107,6 +110,7 @@ class BenchConfig:
     hypernet: Path | None = None
     workers: int = 1
     decode: str = "free"
+    schedule: str = "paper"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -134,6 +138,8 @@ class BenchConfig:
             raise PrispError(f"--workers must be a positive integer, got {self.workers!r}")
         if self.decode not in ("free", "labels", "auto"):
             raise PrispError(f"--decode must be free, labels or auto, got {self.decode!r}")
+        if self.schedule not in SCHEDULES:
+            raise PrispError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.prisp_anchor not in ("hypernet", "task-adapted"):
             raise PrispError(f"--prisp-anchor must be hypernet or task-adapted, got {self.prisp_anchor!r}")
 

@@ -22,7 +22,8 @@ class BenchMethod:
     Attributes:
         name: CLI name.
         label: name in the report.
-        kind: ``prompt`` (no training), ``personal`` (a Stage-2 strategy) or ``sharer`` (Per-Pcs, PriME).
+        kind: ``prompt`` (no training), ``anchor`` (PRISP's Stage-1 anchor alone, no per-user training: what
+            Stage 2 must improve on), ``personal`` (a Stage-2 strategy) or ``sharer`` (Per-Pcs, PriME).
         shared_params: uses LoRA parameters trained on other users (Table 2's privacy column).
         requires_task_data: needs task-level training data (a PRISP anchor from the hypernetwork does not; the
             run records the anchor actually used).
@@ -52,6 +53,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod("prime", "PriME", "sharer", True, True),
         BenchMethod("oppu", "OPPU", "personal", False, True, strategy="oppu"),
         BenchMethod("prisp", "PRISP (Ours)", "personal", False, False, strategy="prisp", anchor="prisp"),
+        # PRISP's starting point (Stage 1 alone, every prompt variant); selectable, not in the default grid.
+        BenchMethod("anchor", "PRISP Stage 1 only", "anchor", False, False, anchor="prisp"),
         # Table 5 ablations of PRISP's Stage 2 (same anchor), selectable but not in the default grid.
         BenchMethod("full-lora", "Full LoRA", "personal", False, False, strategy="full-lora", anchor="prisp"),
         BenchMethod("no-bridge", "No Bridge", "personal", False, False, strategy="no-bridge", anchor="prisp"),
@@ -68,6 +71,9 @@ def get_method(name: str) -> BenchMethod:
     if name not in BENCH_METHODS:
         raise PrispError(f"unknown benchmark method {name!r}; expected one of: {', '.join(BENCH_METHODS)}")
     return BENCH_METHODS[name]
+
+
+UNTRAINED_KINDS = ("prompt", "anchor")  # no per-user training: no data-size sweep, no training cost
 
 
 def method_variants(method: BenchMethod, variants: tuple[str, ...]) -> tuple[str, ...]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prisp.bench import figures
 from prisp.bench.config import BenchConfig
-from prisp.bench.methods import BENCH_METHODS, VARIANTS
-from prisp.bench.results import git_revision
+from prisp.bench.methods import BENCH_METHODS, UNTRAINED_KINDS, VARIANTS
+from prisp.bench.results import KEY_DEFAULTS, git_revision
 from prisp.bench.stats import UserStats, paired_bootstrap
 from prisp.data.tasks import get_task
 from prisp.metrics import METRIC_KEYS
@@ -38,11 +38,13 @@ def _mean(values) -> float | None:
 
 
 def select_rows(config: BenchConfig, rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """This run's main-grid rows and its data-size rows (same model, protocol and split)."""
+    """This run's main-grid rows and its data-size rows (same model, protocol, split, decoding and schedule)."""
     mine = [
         r
         for r in rows
         if (r["model"], r["protocol"], r["split"]) == (config.model, config.protocol, config.split)
+        and r.get("decode", KEY_DEFAULTS["decode"]) == config.decode
+        and r.get("schedule", KEY_DEFAULTS["schedule"]) == config.schedule
         and r["task"] in config.tasks
         and r["method"] in config.methods
     ]
@@ -126,7 +128,7 @@ def variants_table(config: BenchConfig, main: Sequence[dict]) -> list[str]:
 def cost_summary(config: BenchConfig, main: Sequence[dict]) -> dict[str, dict]:
     """Per trained method: task-averaged seconds and peak memory per user, and the composite cost (App. B)."""
     best = best_rows(main)
-    names = [m for m in _methods(config, main) if BENCH_METHODS[m].kind != "prompt"]
+    names = [m for m in _methods(config, main) if BENCH_METHODS[m].kind not in UNTRAINED_KINDS]
     per_task: dict[str, list[float]] = {m: [] for m in names}
     for task in config.tasks:
         rows = {m: best[(m, task)] for m in names if (m, task) in best}
@@ -230,6 +232,12 @@ def paired_lines(config: BenchConfig, main: Sequence[dict], replicates: int = 20
              "Best variant per method and task (Table 2):", "", *_PAIRED_HEADER]
     for name in theirs:
         lines += line(BENCH_METHODS[name].label, best_of["prisp"], best_of[name])
+    if len(config.tasks) > 1:  # an average can hide a task where PRISP is behind
+        lines += ["", "Per task, best variant:", "", *_PAIRED_HEADER]
+        for task in config.tasks:
+            for name in theirs:
+                if ("prisp", task) in best and (name, task) in best:
+                    lines += line(BENCH_METHODS[name].label, [best[("prisp", task)]], [best[(name, task)]])
     lines += ["", "Same prompt variant on both sides:", "", *_PAIRED_HEADER]
     index: dict[tuple[str, str], list[dict]] = {}
     for row in main:
@@ -250,7 +258,7 @@ def command_line(config: BenchConfig) -> str:
     return (
         f"prisp bench --profile {config.profile} --tasks {','.join(config.tasks)} --methods "
         f"{','.join(config.methods)} --protocol {config.protocol} --data {config.data} --split {config.split}"
-        f"{users} --model {config.model} --out {config.out}"
+        f"{users} --model {config.model} --decode {config.decode} --schedule {config.schedule} --out {config.out}"
     )
 
 
@@ -265,7 +273,8 @@ def write_report(config: BenchConfig, rows: Sequence[dict], missing: Sequence = 
     main, sizes = select_rows(config, rows)
     anchors = sorted({f"{r['task']}: {r['anchor']}" for r in main if r["method"] == "prisp" and r["anchor"]})
     setting = (
-        f"Model `{config.model}`, protocol {config.protocol}, split `{config.split}`, target users per task: "
+        f"Model `{config.model}`, protocol {config.protocol}, split `{config.split}`, label answers by "
+        f"`{config.decode}` decoding, Stage-2 schedule `{config.schedule}`, target users per task: "
         f"{config.users or 'all'}, git revision `{git_revision()}`, {len(main)} main rows."
     )
     lines = [

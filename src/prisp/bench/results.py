@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS_NAME = "results.jsonl"
-KEY_FIELDS = ("model", "protocol", "split", "decode", "task", "method", "variant", "items", "users")
-KEY_DEFAULTS = {"decode": "free"}  # rows written before label decoding existed were all free decoding
+KEY_FIELDS = ("model", "protocol", "split", "decode", "schedule", "task", "method", "variant", "items", "users")
+# Rows written before label decoding and Stage-2 schedules existed were all free decoding at Table 7's schedule.
+KEY_DEFAULTS = {"decode": "free", "schedule": "paper"}
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prisp.adapters import attach_lora, shared_copy
 from prisp.batch.config import WorkerPlan
 from prisp.bench.anchors import Anchor, AnchorProvider
 from prisp.bench.config import BenchConfig
 from prisp.bench.context import TaskContext
-from prisp.bench.methods import BenchMethod, get_method, method_variants
+from prisp.bench.methods import UNTRAINED_KINDS, BenchMethod, get_method, method_variants
 from prisp.bench.pool import UserPool
 from prisp.bench.results import Cell, ResultStore, git_revision, row_key
 from prisp.data.lamp import LampSplit
@@ -74,7 +75,7 @@ def grid(config: BenchConfig, task: str) -> list[Cell]:
         cells += [
             Cell(task, name, "np", size, users)
             for name in config.methods
-            if get_method(name).kind != "prompt"
+            if get_method(name).kind not in UNTRAINED_KINDS
             for size in config.data_sizes
         ]
     unique = {}
@@ -86,7 +87,7 @@ def grid(config: BenchConfig, task: str) -> list[Cell]:
 def cell_key(config: BenchConfig, cell: Cell) -> tuple:
     return row_key(
         {"model": config.model, "protocol": config.protocol, "split": config.split, "decode": config.decode,
-         **asdict(cell)}
+         "schedule": config.schedule, **asdict(cell)}
     )
 
 
@@ -109,6 +110,12 @@ def run_prompt(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSpl
     return MethodOutcome(run, [], ctx.task_anchor(with_sharer_data=True))
 
 
+def run_anchor(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSplit, pconf) -> MethodOutcome:
+    """PRISP's Stage-1 anchor alone (every user gets the same adapter): the floor Stage 2 must stay above."""
+    model = attach_lora(shared_copy(ctx.loaded.model), ctx.prisp_anchor.weights).eval()
+    return MethodOutcome(predict_split(model, ctx.loaded.tokenizer, split, pconf), [], ctx.prisp_anchor)
+
+
 def personal_anchor(ctx: TaskContext, method: BenchMethod) -> Anchor:
     """The anchor a Stage-2 method's users start from."""
     return ctx.prisp_anchor if method.anchor == "prisp" else ctx.task_anchor(with_sharer_data=True)
@@ -121,6 +128,7 @@ def run_personal(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampS
     pers = PersonalizeConfig(
         strategy=method.strategy,
         k=cell.items or ALL_ITEMS,
+        schedule=config.schedule,
         lr=config.personalize_lr,
         max_length=config.max_length,
         seed=config.seed,
@@ -184,7 +192,7 @@ def run_sharer(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSpl
     return MethodOutcome(result.run, result.users, ctx.task_anchor(with_sharer_data=False), extra)
 
 
-EXECUTORS = {"prompt": run_prompt, "personal": run_personal, "sharer": run_sharer}
+EXECUTORS = {"prompt": run_prompt, "anchor": run_anchor, "personal": run_personal, "sharer": run_sharer}
 
 
 def _mean(values: Sequence) -> float | None:
@@ -242,6 +250,7 @@ def make_row(
         "protocol": config.protocol,
         "split": config.split,
         "decode": config.decode,
+        "schedule": config.schedule,
         **asdict(cell),
         "label": method.label,
         "kind": method.kind,

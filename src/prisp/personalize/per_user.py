@@ -49,7 +49,9 @@ def adapter_key(model_name: str, anchor: LoraWeights, config: PersonalizeConfig,
     for tensor_key, tensor in sorted(anchor.to_peft_state_dict().items()):
         digest.update(tensor_key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    payload = {"model": model_name, "task": task, "config": {**asdict(config), "progress": None},
+    # The resolved schedule too: a re-tuned ``--schedule tuned`` row must not return adapters of the old one.
+    train = {**asdict(config.train_config(task)), "progress": None, **config.factor_lrs(task)}
+    payload = {"model": model_name, "task": task, "config": {**asdict(config), "progress": None}, "train": train,
                "items": [item.to_json() for item in items]}
     digest.update(json.dumps(payload, sort_keys=True).encode())
     return digest.hexdigest()[:24]

@@ -30,7 +30,7 @@ from prisp.data.lamp import ProfileItem
 from prisp.data.protocol import DEFAULT_K
 from prisp.data.tasks import get_task
 from prisp.errors import PrispError
-from prisp.personalize.hyperparams import personalization_hyperparams
+from prisp.personalize.hyperparams import SCHEDULES, StageHyperparams, personalization_hyperparams
 from prisp.personalize.strategies import Strategy, get_strategy
 from prisp.training import TrainConfig, TrainResult, tokenize_examples, train
 
@@ -39,12 +39,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PersonalizeConfig:
-    """Options of one personalization run (None means Table 7's value for the task).
+    """Options of one personalization run (None means the schedule's value for the task).
 
     Attributes:
         strategy: a key of ``STRATEGIES``.
         k: the user's most recent items used (few-shot protocol: 10).
-        epochs, batch_size, lr: training schedule.
+        schedule: ``paper`` (Table 7) or ``tuned`` (searched on train users; ``prisp.personalize.hyperparams``).
+        epochs, batch_size, lr: override the schedule's values (an explicit ``lr`` applies to every factor).
+        lr_B, lr_C: B's and the bridge C's own learning rates, over the schedule's and ``lr``.
         micro_batch_size: gradient-accumulation chunk that bounds memory without changing the update.
         micro_batch_tokens: cap on a chunk's padded tokens (rows x longest); long examples go fewer to a
             chunk. 640 measured fastest on 2 cores (LaMP-4 chunks of 4, LaMP-5 of 2) and bounds peak memory.
@@ -55,9 +57,12 @@ class PersonalizeConfig:
 
     strategy: str = "prisp"
     k: int = DEFAULT_K
-    epochs: int = 1
+    schedule: str = "paper"
+    epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    lr_B: float | None = None
+    lr_C: float | None = None
     micro_batch_size: int | None = 4
     micro_batch_tokens: int | None = 640
     max_length: int = 512
@@ -67,19 +72,38 @@ class PersonalizeConfig:
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)
+        if self.schedule not in SCHEDULES:
+            raise PrispError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("k", "epochs", "max_length", "micro_batch_size", "micro_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PrispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise PrispError(f"--lr must be positive, got {self.lr}")
+        for name in ("lr", "lr_B", "lr_C"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise PrispError(f"--{name.replace('_', '-').lower()} must be positive, got {value}")
 
     def train_config(self, task: str) -> TrainConfig:
-        table = personalization_hyperparams(task)
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size or table.batch_size,
+        """The loop's options for ``task``: the schedule's row, with this config's explicit values on top.
+
+        Raises:
+            PrispError: an unknown schedule, or ``tuned`` where the search has no row and nothing overrides it.
+        """
+        table = self._row(task)
+        return TrainConfig(epochs=self.epochs or table.epochs, batch_size=self.batch_size or table.batch_size,
                            lr=self.lr if self.lr is not None else table.lr, seed=self.seed,
                            max_length=self.max_length, progress=self.progress,
                            micro_batch_size=self.micro_batch_size, micro_batch_tokens=self.micro_batch_tokens)
+
+    def factor_lrs(self, task: str) -> dict[str, float]:
+        """{factor: learning rate} of the factors (B, C) that train at their own rate on ``task``."""
+        row = {} if self.lr is not None else self._row(task).factor_lrs()
+        return row | {name: lr for name, lr in (("B", self.lr_B), ("C", self.lr_C)) if lr is not None}
+
+    def _row(self, task: str) -> StageHyperparams:
+        if None not in (self.epochs, self.batch_size, self.lr):
+            return StageHyperparams(self.batch_size, self.epochs, self.lr)
+        return personalization_hyperparams(task, self.strategy, self.schedule)
 
 
 @dataclass
@@ -121,6 +145,17 @@ def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, see
     return model, params
 
 
+def _factors(strategy: Strategy, n_params: int) -> list[str]:
+    """The factor (A, B or C) of each trainable parameter, in ``set_trainable``'s order (A, B, C per module)."""
+    per_module = [name for name, on in (("A", strategy.train_A), ("B", strategy.train_B), ("C", strategy.train_C))
+                  if on]
+    return per_module * (n_params // len(per_module))
+
+
+def _lr_fields(factor_lrs: dict[str, float]) -> dict[str, float]:
+    return {f"lr_{name}": lr for name, lr in factor_lrs.items()}
+
+
 def stack_loras(first: LoraWeights, second: LoraWeights) -> LoraWeights:
     """One rank-(r1 + r2) LoRA equal to the sum of two (same scale kept): dW = [B1 B2] [A1; A2].
 
@@ -154,7 +189,9 @@ def personalize(base: torch.nn.Module, tokenizer, anchor: LoraWeights, task: str
     train_config = config.train_config(task)
     tokenized = tokenize_examples(tokenizer, built.examples, train_config.max_length)
     model, params = _prepare(base, anchor, strategy, config.seed)
-    result = train(model, params, tokenized, train_config, pad_id=tokenizer.pad_token_id or 0)
+    factor_lrs = config.factor_lrs(task)
+    param_lrs = [factor_lrs.get(f, train_config.lr) for f in _factors(strategy, len(params))] if factor_lrs else None
+    result = train(model, params, tokenized, train_config, pad_id=tokenizer.pad_token_id or 0, param_lrs=param_lrs)
     if result.truncated:
         logger.warning("%d of %d examples were longer than %d tokens; their prompts were cut from the left",
                        result.truncated, len(tokenized), train_config.max_length)
@@ -163,4 +200,5 @@ def personalize(base: torch.nn.Module, tokenizer, anchor: LoraWeights, task: str
     if strategy.fresh_lora:
         exported = stack_loras(anchor, exported)
     return PersonalizeResult(exported, model, strategy.name, task, [i.id for i in built.items],
-                             len(built.examples), built.augmented, result, asdict(train_config))
+                             len(built.examples), built.augmented, result,
+                             asdict(train_config) | {"schedule": config.schedule} | _lr_fields(factor_lrs))

@@ -37,7 +37,8 @@ def serve(
     random_anchors: bool = typer.Option(False, help="Random-init anchors (= base model) elsewhere."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
     strategy: str = typer.Option("prisp", help="Stage 2 strategy of personalize/update jobs."),
-    lr: float | None = typer.Option(None, help="Stage 2 learning rate [default: Table 7 for the task]."),
+    schedule: str = typer.Option("paper", help="Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."),
+    lr: float | None = typer.Option(None, help="Stage 2 learning rate [default: the schedule's for the task]."),
     cache_size: int = typer.Option(64, help="Decrypted adapters kept in memory (LRU)."),
     max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (413 above)."),
     max_items: int = typer.Option(200, help="Most history items per request (413 above)."),
@@ -59,7 +60,7 @@ def serve(
     config = ServeConfig(
         store=store, model=model, host=host, port=port, anchors=dict(parse_anchor_option(a) for a in anchor),
         anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=resolve_threads(threads),
-        personalize=PersonalizeConfig(strategy=strategy, lr=lr, progress=False),
+        personalize=PersonalizeConfig(strategy=strategy, schedule=schedule, lr=lr, progress=False),
         limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),
         batch_window_ms=batch_window_ms, max_batch=max_batch, adapter_slots=adapter_slots,
     )

@@ -78,6 +78,10 @@ class PrispService:
         self.engine = ServingModel(loaded.model, loaded.tokenizer, batch_window_ms=config.batch_window_ms,
                                    max_batch=config.max_batch, adapter_slots=config.adapter_slots)
         self.cache = AdapterCache(config.cache_size)
+        uncovered = [task for task in self.anchors if not _has_schedule(config, task)]
+        if uncovered:
+            logger.warning("--schedule %s has no Stage-2 row for %s: personalize/update requests for them will "
+                           "be refused", config.personalize.schedule, ", ".join(uncovered))
         self.jobs = JobQueue(config.limits.max_pending_jobs)
         # Guards "which version is current" together with the cache, so a deletion or a new version can
         # never race a request into caching a stale or deleted adapter.
@@ -157,6 +161,7 @@ class PrispService:
         """Queue Stage 2 for a user: from the task anchor, or (update) from their current adapter."""
         self.authorize(user_id, token)
         task = self.served_task(task)
+        self.config.personalize.train_config(task)  # a task --schedule tuned does not cover: 422 now, not a failed job
         history = self.parse_items(task, items)
         continues = None
         if update:
@@ -280,3 +285,11 @@ class PrispService:
             self.cache.drop_user(user_id)
         self.engine.forget(user_id)
         return removed
+
+
+def _has_schedule(config: ServeConfig, task: str) -> bool:
+    try:
+        config.personalize.train_config(task)
+    except PrispError:
+        return False
+    return True
