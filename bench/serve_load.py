@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 import torch
 
-from prisp.adapters import LoraWeights, attach_lora, random_init
+from prisp.adapters import LoraWeights, attach_lora, random_init, shared_copy
 from prisp.bench.results import git_revision
 from prisp.data.lamp import load_task_split
 from prisp.data.prompts import query_prompt
@@ -52,7 +52,6 @@ from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
 from prisp.serve.app import create_app
 from prisp.serve.config import ServeConfig, ServeLimits
-from prisp.adapters import shared_copy
 from prisp.serve.keys import generate_key
 from prisp.serve.store import SaveRequest
 
