@@ -15,7 +15,7 @@ from prisp.cli import SAMPLE_DIR, app
 from prisp.data.lamp import load_task_split
 from prisp.data.tasks import label_set
 from prisp.errors import DataError
-from prisp.scoring import _prompt_ids, label_token_ids, score_labels
+from prisp.scoring import LabelScores, _prompt_ids, label_token_ids, score_labels
 
 LABELS = ("politics", "sports", "world news", "a", "science and technology")
 PROMPTS = ["Which category does this article relate to? The council approved the budget.",
@@ -68,6 +68,36 @@ def test_refusals(models, tiny_tokenizer):
         score_labels(models[0], tiny_tokenizer, PROMPTS, ())
     with pytest.raises(DataError, match="unknown label normalisation"):
         score_labels(models[0], tiny_tokenizer, PROMPTS, LABELS, normalise="max")
+
+
+def test_expected_error_answer_is_the_weighted_median_of_the_ratings():
+    ratings = ("3", "1", "5", "2", "4")  # any order: the median is taken over the values
+    probs = torch.tensor([[0.05, 0.30, 0.45, 0.05, 0.15]])  # P(1..5) = .30 .05 .05 .15 .45
+    scored = LabelScores(ratings, probs.log(), ["5"], log_likelihoods=probs.log() - 3.0)  # unnormalised is fine
+    assert scored.min_expected_error() == ["4"]  # the likeliest is 5; 4 has the least expected |error|
+    gen = torch.Generator().manual_seed(0)
+    totals = torch.randn(50, 5, generator=gen) * 3
+    scored = LabelScores(ratings, totals, [], log_likelihoods=totals)
+    values = torch.tensor([float(r) for r in ratings])
+    expected_error = (torch.softmax(totals, -1)[:, None, :] * (values[None, :, None] - values[None, None, :]).abs()
+                      ).sum(-1)  # [prompt, candidate answer]
+    best = expected_error.min(-1).values
+    for row, answer in enumerate(scored.min_expected_error()):
+        assert expected_error[row, ratings.index(answer)] <= best[row] + 1e-9
+    with pytest.raises(DataError, match="numeric labels"):
+        LabelScores(LABELS, torch.zeros(1, len(LABELS)), []).min_expected_error()
+
+
+def test_predict_rating_rule_end_to_end(tiny_model_dir, tmp_path):
+    outs = {rule: tmp_path / f"{rule}.json" for rule in ("likeliest", "expected-error")}
+    for rule, out in outs.items():
+        result = invoke("predict", "--task", "LaMP-3", "--model", tiny_model_dir, "--rating-rule", rule, "--out", out)
+        assert result.exit_code == 0, result.output
+        assert all(g["output"] in ("1", "2", "3", "4", "5") for g in json.loads(out.read_text())["golds"])
+    bad = tmp_path / "bad.json"
+    assert "--rating-rule must be one of likeliest, expected-error" in one_error(
+        invoke("predict", "--task", "LaMP-3", "--model", tiny_model_dir, "--rating-rule", "mean", "--out", bad))
+    assert not bad.exists()
 
 
 # --- --decode end to end: predict, generate, bench keys ------------------------------------------------------

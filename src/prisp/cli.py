@@ -79,6 +79,8 @@ def predict(
     snap: bool = typer.Option(True, help="Map label answers that start with a label onto it ('1' -> '[1]')."),
     decode: str = typer.Option("auto", help=DECODE_HELP),
     label_normalise: str = typer.Option("mean", help="Label scoring: mean (per token, EOS included) or sum."),
+    rating_rule: str = typer.Option("likeliest", help="Rating tasks (LaMP-3) under label decoding: likeliest "
+                                                     "rating, or expected-error (least expected absolute error)."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Answer a LaMP split with NP or RAG prompts and write the predictions."""
@@ -100,6 +102,7 @@ def predict(
         personal.train_config(spec.name)  # an uncovered --schedule tuned is refused before the model loads
     config = PredictConfig(method=variant_method(rag, pag) if personalized else method, k=k, history=history,
                            limit=limit, snap_labels=snap, decode=decode, label_normalise=label_normalise,
+                           rating_rule=rating_rule,
                            generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
     split_data = load_task_split(data or default_data_dir(), spec.name, split, require_golds=False)
     loaded = load_for_inference(model, adapter, threads)

@@ -22,7 +22,7 @@ from prisp.data.tasks import get_task, label_set, snap_to_label
 from prisp.errors import DataError
 from prisp.generation import GenerationConfig, GenerationResult, generate
 from prisp.retrieval import Bm25Retriever
-from prisp.scoring import score_labels
+from prisp.scoring import RATING_RULES, score_labels
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,8 @@ class PredictConfig:
             log-likelihood, ``prisp.scoring``; the answer is always a label) or ``auto``: labels for
             classification and rating tasks, free for generation tasks.
         label_normalise: ``mean`` or ``sum`` of the label's token log-probabilities (``prisp.scoring``).
+        rating_rule: rating tasks under label decoding: ``likeliest`` rating, or the ``expected-error`` one (the
+            weighted median of the model's distribution over ratings; ``prisp.scoring``).
     """
 
     method: str = "np"
@@ -94,8 +96,11 @@ class PredictConfig:
     profiles: Mapping[str, str] = field(default_factory=dict)
     decode: str = "auto"
     label_normalise: str = "mean"
+    rating_rule: str = "likeliest"
 
     def __post_init__(self) -> None:
+        if self.rating_rule not in RATING_RULES:
+            raise DataError(f"--rating-rule must be one of {', '.join(RATING_RULES)}, got {self.rating_rule!r}")
         if self.decode not in DECODE_MODES:
             raise DataError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.method not in METHODS:
@@ -152,7 +157,7 @@ def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
     prompts = [build_prompt(spec.name, q, method, config, labels) for q in queries]
     gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens)
     if decode_mode(spec.name, config.decode) == "labels":
-        result = _scored(model, tokenizer, prompts, labels, config, gen_config, on_batch)
+        result = _scored(model, tokenizer, prompts, labels, config, gen_config, on_batch, spec.kind == "regression")
         outputs = list(result.texts)
     else:
         result = generate(model, tokenizer, prompts, gen_config, on_batch=on_batch)
@@ -162,7 +167,7 @@ def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
 
 
 def _scored(model, tokenizer, prompts, labels, config: PredictConfig, gen_config: GenerationConfig,
-            on_batch) -> GenerationResult:
+            on_batch, rating: bool = False) -> GenerationResult:
     """Label answers by scoring, reported in generation's result type (no tokens are generated)."""
     start = time.perf_counter()
     texts: list[str] = []
@@ -170,7 +175,7 @@ def _scored(model, tokenizer, prompts, labels, config: PredictConfig, gen_config
     for begin in range(0, len(prompts), gen_config.batch_size):
         chunk = prompts[begin:begin + gen_config.batch_size]
         scored = score_labels(model, tokenizer, chunk, labels, config.label_normalise, gen_config.max_input_tokens)
-        texts += scored.choices
+        texts += scored.min_expected_error() if rating and config.rating_rule == "expected-error" else scored.choices
         truncated += scored.truncated_prompts
         if on_batch:
             on_batch(len(chunk))

@@ -10,6 +10,11 @@ Cost: one forward over the prompt, then all candidates in one batched forward fr
 
 Length normalisation: ``mean`` (default) divides each label's log-likelihood by its token count (EOS included), so
 multi-token labels are not penalised for their length against one-token ones; ``sum`` is the plain likelihood.
+
+Ratings (LaMP-3): ``likeliest`` (default) answers the rating with the best score, like any label; ``expected-error``
+answers the rating that minimises the expected absolute error under the model's distribution over the ratings (its
+weighted median: the plain likelihoods renormalised over the label set), which is what MAE rewards when the model
+is unsure between neighbours. Not chosen by measurement: the offline data has no LaMP-3 users.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from prisp.errors import DataError
 from prisp.generation import format_prompt
 
 NORMALISATIONS = ("mean", "sum")
+RATING_RULES = ("likeliest", "expected-error")
 
 
 @dataclass
@@ -33,6 +39,7 @@ class LabelScores:
         labels: the label set, in the order of the score columns.
         scores: ``[n_prompts, n_labels]`` normalised log-likelihoods.
         choices: the best label per prompt.
+        log_likelihoods: ``[n_prompts, n_labels]`` plain (summed) log-likelihoods.
         truncated_prompts: prompts whose left part was cut to ``max_input_tokens``.
     """
 
@@ -40,6 +47,24 @@ class LabelScores:
     scores: torch.Tensor
     choices: list[str]
     truncated_prompts: int = 0
+    log_likelihoods: torch.Tensor | None = None
+
+    def min_expected_error(self) -> list[str]:
+        """Per prompt, the numeric label with the least expected absolute error: the weighted median of the
+        model's distribution over the labels (``softmax`` of the plain log-likelihoods over the label set).
+
+        Raises:
+            DataError: a label is not a number.
+        """
+        try:
+            values = torch.tensor([float(label) for label in self.labels])
+        except ValueError:
+            raise DataError(f"expected-error answers need numeric labels, got {list(self.labels)}") from None
+        order = values.argsort()
+        totals = self.log_likelihoods if self.log_likelihoods is not None else self.scores
+        probs = torch.softmax(totals.double(), dim=-1)[:, order]  # [n_prompts, n_labels], ascending values
+        median = (probs.cumsum(-1) >= 0.5).float().argmax(-1)  # first value where the mass reaches a half
+        return [self.labels[int(order[int(i)])] for i in median]
 
 
 def _prompt_ids(tokenizer, prompt: str, max_input_tokens: int) -> tuple[list[int], bool]:
@@ -106,15 +131,15 @@ def score_labels(model, tokenizer, prompts: Sequence[str], labels: Sequence[str]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    rows, truncated = [], 0
+    totals, truncated = [], 0
     try:
         for prompt in prompts:
             ids, cut = _prompt_ids(tokenizer, prompt, max_input_tokens)
             truncated += cut
-            total = _score_one(model, ids, candidates, pad, adapter_name)
-            rows.append(total / lengths if normalise == "mean" else total)
+            totals.append(_score_one(model, ids, candidates, pad, adapter_name))
     finally:
         model.train(was_training)
-    scores = torch.stack(rows) if rows else torch.empty(0, len(labels))
-    choices = [labels[int(i)] for i in scores.argmax(-1)] if rows else []
-    return LabelScores(labels, scores, choices, truncated)
+    plain = torch.stack(totals) if totals else torch.empty(0, len(labels))
+    scores = plain / lengths if normalise == "mean" else plain
+    choices = [labels[int(i)] for i in scores.argmax(-1)] if totals else []
+    return LabelScores(labels, scores, choices, truncated, plain)
