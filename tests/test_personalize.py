@@ -443,3 +443,26 @@ def test_fast_loop_matches_the_full_logits_unchunked_path(base, tiny_tokenizer, 
             if "lora_A" in name:
                 site = [k for k in anchor0.pairs if f"layers.{k[0]}." in name and k[1] in name]
                 assert len(site) == 1 and torch.equal(param, anchor0.pairs[site[0]].A)
+
+
+def test_the_adapter_key_changes_with_every_input_of_training(anchor, history):
+    """A cache hit needs every input that training reads to be the same (stale adapters were possible when the
+    anchor's scale or the label list changed)."""
+    import dataclasses
+
+    from prisp.personalize.per_user import adapter_key
+
+    items = history[:10]
+    config = PersonalizeConfig(progress=False)
+    key = adapter_key("tiny", anchor, config, "LaMP-4", items)
+    assert key == adapter_key("tiny", anchor, PersonalizeConfig(progress=True), "LaMP-4", items)  # not an input
+    rescaled = [dataclasses.replace(anchor, spec=dataclasses.replace(anchor.spec, **change))
+                for change in ({"alpha": 32}, {"use_rslora": False}, {"dropout": 0.1})]
+    changed = [adapter_key("tiny", a, config, "LaMP-4", items) for a in rescaled]
+    changed += [adapter_key("tiny", anchor, config, "LaMP-4", items, labels) for labels in (["a", "b"], ["b", "a"])]
+    changed += [adapter_key("other", anchor, config, "LaMP-4", items),
+                adapter_key("tiny", anchor, config, "LaMP-4", items[:9]),
+                adapter_key("tiny", anchor, PersonalizeConfig(progress=False, lr=1e-3), "LaMP-4", items),
+                adapter_key("tiny", anchor, PersonalizeConfig(progress=False, schedule="tuned"), "LaMP-4", items),
+                adapter_key("tiny", anchor, PersonalizeConfig(progress=False, strategy="oppu"), "LaMP-4", items)]
+    assert len({key, *changed}) == len(changed) + 1

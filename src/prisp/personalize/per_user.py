@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -43,8 +44,13 @@ class PersonalizedRun:
     users: list[UserCost] = field(default_factory=list)
 
 
-def adapter_key(model_name: str, anchor: LoraWeights, config: PersonalizeConfig, task: str, items: list) -> str:
-    """A content hash naming a user's adapter: any change of inputs gives a new key."""
+def adapter_key(model_name: str, anchor: LoraWeights, config: PersonalizeConfig, task: str, items: list,
+                labels: Sequence[str] = ()) -> str:
+    """A content hash naming a user's adapter: any change of inputs gives a new key.
+
+    Every input of training is named: the anchor's tensors and its spec (alpha and rsLoRA set the scale, not the
+    tensors), the resolved schedule, the items and the label list (it enters the prompts).
+    """
     digest = hashlib.sha256()
     for tensor_key, tensor in sorted(anchor.to_peft_state_dict().items()):
         digest.update(tensor_key.encode())
@@ -52,7 +58,7 @@ def adapter_key(model_name: str, anchor: LoraWeights, config: PersonalizeConfig,
     # The resolved schedule too: a re-tuned ``--schedule tuned`` row must not return adapters of the old one.
     train = {**asdict(config.train_config(task)), "progress": None, **config.factor_lrs(task)}
     payload = {"model": model_name, "task": task, "config": {**asdict(config), "progress": None}, "train": train,
-               "items": [item.to_json() for item in items]}
+               "items": [item.to_json() for item in items], "spec": asdict(anchor.spec), "labels": list(labels)}
     digest.update(json.dumps(payload, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
@@ -141,7 +147,7 @@ def merge_users(split: LampSplit, predict_config: PredictConfig,
 
 def _user_model(base, tokenizer, model_name, task, user, profile, anchor, config, labels, cache_dir):
     items = recent_items(profile, config.k) if profile else []
-    key = adapter_key(model_name, anchor, config, task, items)
+    key = adapter_key(model_name, anchor, config, task, items, labels)
     cached = cache_dir / key if cache_dir else None
     if cached and (cached / REPORT_NAME).is_file():
         report = json.loads((cached / REPORT_NAME).read_text())

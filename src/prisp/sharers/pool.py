@@ -156,7 +156,7 @@ def train_sharer(
     p_config = config.personalize_config(task, len(history))
     items = recent_items(history, p_config.k)
     cached = (
-        cache_dir / f"sharer-{adapter_key(model_name, anchor, p_config, task, items)}" if cache_dir else None
+        cache_dir / f"sharer-{adapter_key(model_name, anchor, p_config, task, items, labels)}" if cache_dir else None
     )
     if cached and (cached / "personalization.json").is_file():
         report = json.loads((cached / "personalization.json").read_text())
