@@ -329,9 +329,11 @@ def test_every_endpoint_refuses_another_users_token(live, client):
     items = {"task": "LaMP-4", "items": lamp4_items(1)}
     calls = [("POST", f"/v1/users/{alice}/personalize", items), ("POST", f"/v1/users/{alice}/update", items),
              ("POST", f"/v1/users/{alice}/generate", {"task": "LaMP-4", "input": TEXT}),
-             ("DELETE", f"/v1/users/{alice}/adapters", None), ("DELETE", f"/v1/users/{alice}", None),
-             ("GET", f"/v1/jobs/{job['job_id']}", None)]
+             ("DELETE", f"/v1/users/{alice}/adapters", None), ("DELETE", f"/v1/users/{alice}", None)]
     credentials = {403: bob_headers, 401: {}}
+    # Another user's job reads exactly as a job that does not exist.
+    other = client.get(f"/v1/jobs/{job['job_id']}", headers=bob_headers)
+    assert other.status_code == 404 and other.json()["detail"] == f"unknown job {job['job_id']!r}"
     basic = alice_headers["Authorization"].replace("Bearer", "Basic")
     credentials_401 = [{"Authorization": "Bearer prisp_forged"}, {"Authorization": basic}]
     for method, path, body in calls:
@@ -544,5 +546,18 @@ def test_tuned_schedule_refuses_jobs_for_tasks_it_does_not_cover(tmp_path, tiny,
         with pytest.raises(PrispError, match="no tuned Stage-2 schedule for prisp on LaMP-7"):
             service.start_job(issued.user_id, issued.token, "LaMP-7", lamp4_items(2), update=False)
         assert service.store.current(issued.user_id, "LaMP-7") is None
+    finally:
+        service.close()
+
+
+def test_update_is_refused_under_oppu_instead_of_growing_the_rank(tmp_path, tiny, tiny_model_dir, anchors):
+    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), anchors=anchors, limits=LIMITS,
+                         personalize=PersonalizeConfig(strategy="oppu", progress=False))
+    service = PrispService(config, generate_key(), tiny)
+    try:
+        issued = service.create_user()
+        with pytest.raises(PrispError, match="update is not available under --strategy oppu") as refused:
+            service.start_job(issued.user_id, issued.token, "LaMP-4", lamp4_items(2), update=True)
+        assert refused.value.status == 422 and service.store.current(issued.user_id, "LaMP-4") is None
     finally:
         service.close()

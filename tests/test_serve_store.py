@@ -62,11 +62,17 @@ def store(tmp_path, key):
 # ---- keys and tokens ---------------------------------------------------------------------------
 
 
-def test_key_sources_and_one_line_errors(tmp_path):
+def test_key_sources_and_one_line_errors(tmp_path, caplog):
     key = generate_key()
     assert decode_key(key.encode(), "x") == key and key.encode() not in repr(key)
     (tmp_path / "k").write_text(key.encode() + "\n")
-    assert load_key(tmp_path / "k", environ={}) == key
+    (tmp_path / "k").chmod(0o600)
+    with caplog.at_level("WARNING"):
+        assert load_key(tmp_path / "k", environ={}) == key
+        assert "readable by other users" not in caplog.text
+        (tmp_path / "k").chmod(0o644)
+        assert load_key(tmp_path / "k", environ={}) == key  # still loads, with a warning
+    assert "readable by other users (mode 644): chmod 600 it" in caplog.text
     assert load_key(None, environ={KEY_ENV: key.encode()}) == key
     bad = {"missing": (None, {}), "not base64": (None, {KEY_ENV: "not base64!!"}),
            "short": (None, {KEY_ENV: "c2hvcnQ="}), "no file": (tmp_path / "nope", {})}
@@ -88,6 +94,7 @@ def test_tokens_are_hashed_and_compared_safely():
     assert bearer_token(f"Bearer {issued.token}") == issued.token
     assert bearer_token("Basic abc") is None and bearer_token(None) is None
     assert not valid_user_id("../etc") and not valid_user_id("u_" + "0" * 31)
+    assert not valid_user_id(issued.user_id + "\n") and bearer_token(f"Bearer {issued.token}\n") is None
 
 
 # ---- sealing -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The FastAPI application: routes, bearer auth, body-size limit and one-line JSON errors.
 
-Status codes: 401 no or unknown token, 403 another user's token, 404 unknown job, 409 conflicting
+Status codes: 401 no or unknown token, 403 another user's token, 404 unknown job (or another user's), 409 conflicting
 state (no adapter to update, a job already pending), 413 body or item count over the limit, 422
 malformed JSON, wrong types, unknown task or text over a length limit, 429 job queue full, 500 only
 for a stored adapter that fails its integrity check (fail closed) or a bug.

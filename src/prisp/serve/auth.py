@@ -14,8 +14,9 @@ import secrets
 from dataclasses import dataclass
 
 TOKEN_PREFIX = "prisp_"
-USER_ID_RE = re.compile(r"^u_[0-9a-f]{32}$")
-_BEARER_RE = re.compile(r"^Bearer[ \t]+([A-Za-z0-9_\-]{1,200})[ \t]*$", re.IGNORECASE)
+# Always fullmatch: with match(), "$" also matches before a trailing newline ("u_<hex>\n" would pass).
+USER_ID_RE = re.compile(r"u_[0-9a-f]{32}")
+_BEARER_RE = re.compile(r"Bearer[ \t]+([A-Za-z0-9_\-]{1,200})[ \t]*", re.IGNORECASE)
 # Compared against when a user does not exist, so a miss costs the same as a wrong token.
 _DUMMY_HASH = hashlib.sha256(b"prisp-no-such-user").hexdigest()
 
@@ -55,10 +56,10 @@ def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None when absent or malformed."""
     if not authorization:
         return None
-    match = _BEARER_RE.match(authorization)
+    match = _BEARER_RE.fullmatch(authorization)
     return match.group(1) if match else None
 
 
 def valid_user_id(user_id: str) -> bool:
     """Whether ``user_id`` has the shape the server issues (also guards path traversal)."""
-    return bool(USER_ID_RE.match(user_id))
+    return bool(USER_ID_RE.fullmatch(user_id))

@@ -12,8 +12,10 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +97,12 @@ def load_key(key_file: Path | None = None, environ: Mapping[str, str] | None = N
     if key_file is not None:
         try:
             text = Path(key_file).read_text(encoding="ascii")
+            mode = Path(key_file).stat().st_mode
         except (OSError, UnicodeDecodeError) as exc:
             raise PrispError(f"cannot read key file {key_file}: {exc.strerror or exc}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            logging.getLogger(__name__).warning(
+                "key file %s is readable by other users (mode %03o): chmod 600 it", key_file, mode & 0o777)
         return decode_key(text, f"key file {key_file}")
     if environ.get(KEY_ENV):
         return decode_key(environ[KEY_ENV], KEY_ENV)

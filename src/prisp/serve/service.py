@@ -17,7 +17,7 @@ from prisp.data.prompts import query_prompt
 from prisp.data.tasks import get_task, label_set, normalize_task_name
 from prisp.errors import PrispError
 from prisp.models import LoadedModel, load_model
-from prisp.personalize import personalize
+from prisp.personalize import get_strategy, personalize
 from prisp.predict import decode_mode
 from prisp.serve.auth import IssuedToken, hash_token, issue_token, token_matches, valid_user_id
 from prisp.serve.config import ServeConfig
@@ -164,6 +164,10 @@ class PrispService:
         self.config.personalize.train_config(task)  # a task --schedule tuned does not cover: 422 now, not a failed job
         history = self.parse_items(task, items)
         continues = None
+        if update and get_strategy(self.config.personalize.strategy).fresh_lora:
+            # OPPU stacks a fresh LoRA on its start: every update would add another r to the adapter's rank.
+            raise ServeError(f"update is not available under --strategy {self.config.personalize.strategy} (each "
+                             "update would grow the adapter's rank); POST /v1/users/{user_id}/personalize instead")
         if update:
             current = self.store.current(user_id, task)
             if current is None:
@@ -180,10 +184,8 @@ class PrispService:
         """A job's state, for its owner only."""
         owner = self.authenticate(token)
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or job.user_id != owner:  # the same answer for both: job ids are not probed for existence
             raise NotFound(f"unknown job {job_id!r}")
-        if job.user_id != owner:
-            raise Forbidden("this token does not grant access to that job")
         return job
 
     def _train(self, user_id: str, task: str, history: tuple[ProfileItem, ...], continues: int | None,
