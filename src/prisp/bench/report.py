@@ -255,10 +255,12 @@ def paired_lines(config: BenchConfig, main: Sequence[dict], replicates: int = 20
 
 def command_line(config: BenchConfig) -> str:
     users = f" --users {config.users}" if config.users else ""
+    sizes = ",".join(map(str, config.data_sizes)) if config.data_sizes and config.data_size_tasks else "none"
     return (
         f"prisp bench --profile {config.profile} --tasks {','.join(config.tasks)} --methods "
-        f"{','.join(config.methods)} --protocol {config.protocol} --data {config.data} --split {config.split}"
-        f"{users} --model {config.model} --decode {config.decode} --schedule {config.schedule} --out {config.out}"
+        f"{','.join(config.methods)} --variants {','.join(config.variants)} --protocol {config.protocol} "
+        f"--data {config.data} --split {config.split}{users} --model {config.model} --decode {config.decode} "
+        f"--schedule {config.schedule} --data-sizes {sizes} --out {config.out}"
     )
 
 
