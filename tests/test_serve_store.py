@@ -125,6 +125,25 @@ def test_files_hold_no_plaintext(store):
     assert_same(adapter_from_bytes(plain, "x"), weights)
 
 
+def test_store_folders_and_files_are_private_whatever_the_umask(tmp_path, key):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a common default: new folders 0755, files 0644
+    try:
+        with AdapterStore(tmp_path / "store", key) as opened:
+            user = new_user(opened)
+            record = save(opened, user, make_weights(1))
+            root = opened.root  # looked at while open: SQLite's -wal and -shm files exist now
+            modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+                     for p in (root, *root.rglob("*"))}
+    finally:
+        os.umask(old)
+    assert {"store/store.sqlite3-wal", f"store/{record.file}"} <= set(modes)
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    assert modes[f"store/{record.file}"] == 0o600
+
+
 @pytest.mark.parametrize("where", ["magic", "nonce", "ciphertext", "tag"])
 def test_one_altered_byte_fails_closed(store, where):
     user = new_user(store)

@@ -61,9 +61,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix.
 
     The bytes go to a temporary sibling, are fsynced, renamed over ``path`` (atomic on POSIX), and the
-    directory is fsynced so the rename itself survives a power cut.
+    directory is fsynced so the rename itself survives a power cut. Folders it creates are private (0700).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     tmp = path.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}-{path.name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -76,6 +76,19 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents as 0700 folders (whatever the umask), each one's entry
+    fsynced into its parent so a new user's folder survives a power cut with the adapter written into it."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+        fsync_dir(folder.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -110,6 +110,9 @@ class AdapterStore:
             self._take_lock()
         elif not (self.root / DB_NAME).is_file():
             raise PrispError(f"{self.root} is not a prisp store (no {DB_NAME})")
+        if writer:  # created private before SQLite opens it: its -wal and -shm files take the same mode
+            os.close(os.open(self.root / DB_NAME, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.root / DB_NAME, 0o600)
         self._db = sqlite3.connect(self.root / DB_NAME, check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
