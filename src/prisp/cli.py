@@ -12,7 +12,7 @@ import typer
 
 from prisp.batch.cli import export_app, personalize_batch_command
 from prisp.bench.cli import bench_command
-from prisp.console import THREADS_HELP, friendly, quiet_transformers, set_threads
+from prisp.console import SCHEDULE_HELP, THREADS_HELP, friendly, quiet_transformers, set_threads
 from prisp.errors import PrispError
 from prisp.hypernet.cli import anchor_command, hypernet_app
 from prisp.serve.cli import serve_app
@@ -68,8 +68,7 @@ def predict(
     pag: bool = typer.Option(False, help="Personalized methods: also prepend the user's PAG profile (written once "
                                          "by the base model, cached under $PRISP_HOME/profiles)."),
     cache: Optional[Path] = typer.Option(None, help="Per-user adapter cache [default: $PRISP_HOME/adapters]."),
-    schedule: str = typer.Option("paper", help="Personalized methods: Stage-2 schedule, paper (Table 7) or tuned "
-                                               "(searched on train users; bench/results/schedule_search.md)."),
+    schedule: str = typer.Option("paper", help=f"Personalized methods: {SCHEDULE_HELP}"),
     k: int = typer.Option(1, help="Items retrieved per query (rag)."),
     history: int = typer.Option(10, help="Recent history items retrieval may use (0 = whole profile)."),
     model: str = typer.Option("smollm2-135m", help="Registered name, local model dir or cached HF id."),
@@ -213,7 +212,7 @@ def personalize_cmd(
     user: Optional[str] = typer.Option(None, help="Query id whose profile to use, when --history is a questions file."),
     strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only."),
     k: int = typer.Option(10, help="Most recent history items used."),
-    schedule: str = typer.Option("paper", help="Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."),
+    schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
     epochs: Optional[int] = typer.Option(None, help="Epochs over the user's examples [default: the schedule's]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the schedule's for the task]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the schedule's for the task]."),

@@ -38,6 +38,7 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+SCHEDULE_HELP = "Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."
 THREADS_HELP = ("torch CPU threads: a number, or 'auto' for every core this process may use "
                 "[default: $PRISP_THREADS, else auto].")
 

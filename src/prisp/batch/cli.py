@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from prisp.console import friendly
+from prisp.console import SCHEDULE_HELP, friendly
 
 export_app = typer.Typer(help="Export personalized adapters for serving stacks.", no_args_is_help=True)
 
@@ -32,7 +32,7 @@ def personalize_batch_command(
     seed: int = typer.Option(0, help="Run seed; each user's seed derives from it and the user id."),
     retries: int = typer.Option(2, help="Extra attempts for a user after a transient failure."),
     k: int = typer.Option(10, help="Most recent history items used per user."),
-    schedule: str = typer.Option("paper", help="Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."),
+    schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
     epochs: Optional[int] = typer.Option(None, help="Epochs over each user's examples [default: the schedule's]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the schedule's for the task]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the schedule's for the task]."),

@@ -11,7 +11,7 @@ from prisp.bench.methods import DEFAULT_METHODS, VARIANTS, get_method
 from prisp.data.tasks import normalize_task_name
 from prisp.errors import PrispError
 from prisp.models import DEFAULT_MODEL
-from prisp.personalize.hyperparams import SCHEDULES
+from prisp.personalize.hyperparams import check_schedule
 from prisp.profiles import ProfileConfig
 from prisp.sharers import PerPcsConfig, PrimeConfig, SharerConfig
 
@@ -138,8 +138,7 @@ class BenchConfig:
             raise PrispError(f"--workers must be a positive integer, got {self.workers!r}")
         if self.decode not in ("free", "labels", "auto"):
             raise PrispError(f"--decode must be free, labels or auto, got {self.decode!r}")
-        if self.schedule not in SCHEDULES:
-            raise PrispError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_schedule(self.schedule)
         if self.prisp_anchor not in ("hypernet", "task-adapted"):
             raise PrispError(f"--prisp-anchor must be hypernet or task-adapted, got {self.prisp_anchor!r}")
 

@@ -25,7 +25,7 @@ class StageHyperparams:
 
     def factor_lrs(self) -> dict[str, float]:
         """{factor: learning rate} for the factors that have their own."""
-        return {name: lr for name, lr in (("B", self.lr_B), ("C", self.lr_C)) if lr is not None}
+        return own_rates(self.lr_B, self.lr_C)
 
 
 # Table 7, "PRISP (Ours)": also used for OPPU and the ablations (the paper aligns OPPU's personalization stage).
@@ -75,14 +75,24 @@ TUNED: dict[str, dict[str, StageHyperparams]] = {
 }
 
 
+def own_rates(lr_B: float | None, lr_C: float | None) -> dict[str, float]:
+    """{factor: learning rate} for the factors (B, C) given their own rate."""
+    return {name: lr for name, lr in (("B", lr_B), ("C", lr_C)) if lr is not None}
+
+
+def check_schedule(schedule: str) -> None:
+    """Raises PrispError (one line) unless ``schedule`` is one of ``SCHEDULES``."""
+    if schedule not in SCHEDULES:
+        raise PrispError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
 def personalization_hyperparams(task: str, strategy: str = "prisp", schedule: str = "paper") -> StageHyperparams:
     """The Stage-2 schedule of ``strategy`` on ``task``; LaMP-2N (news categorization) takes LaMP-2's row.
 
     Raises:
         PrispError: an unknown schedule, or ``tuned`` for a task or strategy the search did not cover.
     """
-    if schedule not in SCHEDULES:
-        raise PrispError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    check_schedule(schedule)
     name = get_task(task).name
     if schedule == "paper":
         return PRISP_TABLE7["LaMP-2" if name == "LaMP-2N" else name]

@@ -30,7 +30,12 @@ from prisp.data.lamp import ProfileItem
 from prisp.data.protocol import DEFAULT_K
 from prisp.data.tasks import get_task
 from prisp.errors import PrispError
-from prisp.personalize.hyperparams import SCHEDULES, StageHyperparams, personalization_hyperparams
+from prisp.personalize.hyperparams import (
+    StageHyperparams,
+    check_schedule,
+    own_rates,
+    personalization_hyperparams,
+)
 from prisp.personalize.strategies import Strategy, get_strategy
 from prisp.training import TrainConfig, TrainResult, tokenize_examples, train
 
@@ -72,8 +77,7 @@ class PersonalizeConfig:
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)
-        if self.schedule not in SCHEDULES:
-            raise PrispError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_schedule(self.schedule)
         for name in ("k", "epochs", "max_length", "micro_batch_size", "micro_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -98,7 +102,7 @@ class PersonalizeConfig:
     def factor_lrs(self, task: str) -> dict[str, float]:
         """{factor: learning rate} of the factors (B, C) that train at their own rate on ``task``."""
         row = {} if self.lr is not None else self._row(task).factor_lrs()
-        return row | {name: lr for name, lr in (("B", self.lr_B), ("C", self.lr_C)) if lr is not None}
+        return row | own_rates(self.lr_B, self.lr_C)
 
     def _row(self, task: str) -> StageHyperparams:
         if None not in (self.epochs, self.batch_size, self.lr):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from prisp.console import THREADS_HELP, friendly, resolve_threads
+from prisp.console import SCHEDULE_HELP, THREADS_HELP, friendly, resolve_threads
 from prisp.errors import PrispError
 
 serve_app = typer.Typer(help="Serve personalized adapters over HTTP from an encrypted per-user store.",
@@ -37,7 +37,7 @@ def serve(
     random_anchors: bool = typer.Option(False, help="Random-init anchors (= base model) elsewhere."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
     strategy: str = typer.Option("prisp", help="Stage 2 strategy of personalize/update jobs."),
-    schedule: str = typer.Option("paper", help="Stage-2 schedule: paper (Table 7) or tuned (searched on train users; bench/results/schedule_search.md)."),
+    schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
     lr: float | None = typer.Option(None, help="Stage 2 learning rate [default: the schedule's for the task]."),
     cache_size: int = typer.Option(64, help="Decrypted adapters kept in memory (LRU)."),
     max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (413 above)."),
