@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.files import JsonlLog
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [("local", 1), ("local", 2), ("ray", 2)]
 
@@ -58,7 +60,7 @@ def write_users(data: Path, task: str, n: int, path: Path) -> list[str]:
 
 def summary_of(store: Path) -> dict:
     """The last run's summary line and its per-user lines from the store's log."""
-    records = [json.loads(line) for line in (store / "results.jsonl").read_text().splitlines()]
+    records = JsonlLog(store / "results.jsonl").records()
     summary = [r for r in records if r["type"] == "summary"][-1]
     users = [r for r in records if r.get("run_id") == summary["run_id"] and r.get("status") == "done"]
     busy: dict[str, float] = {}

@@ -4,7 +4,10 @@ one at a time vs one batch, base model vs peft mixed-adapter batches (4 adapters
 
     python bench/generation_batching.py   # reads ../shared/data/lamp-offline
 """
-import time, torch
+import time
+
+import torch
+
 torch.set_num_threads(2)
 from prisp.console import quiet_transformers; quiet_transformers()
 from prisp.models import load_model

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.files import JsonlLog
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "hypernet_train.md"
 SHIP_DIR = ROOT / "src" / "prisp" / "hypernet" / "checkpoints" / "smollm2-135m"
@@ -93,7 +95,7 @@ def _loss_windows(losses: list[float], width: int = 25) -> list[tuple[int, float
 def report(run: Path, ship: bool) -> None:
     ckpt = run / "checkpoint"
     meta = json.loads((ckpt / "hypernet.json").read_text())
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    records = JsonlLog(run / "log.jsonl").records()
     state, metrics = meta["state"], meta["metrics"]
     steps = [r for r in records if "loss" in r and r["step"] <= state["step"]]
     losses = [r["loss"] for r in steps]

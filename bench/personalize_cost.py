@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.files import JsonlLog, write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("prisp", "oppu", "full-lora", "no-bridge", "bridge-only")
 
@@ -147,17 +149,13 @@ def main() -> None:
     meta_path = args.out.with_suffix(".meta.json")
     if not args.report_only:
         run(args, records_path, meta_path)
-    write_report(args.out, [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()],
+    write_report(args.out, JsonlLog(records_path).records(),
                  json.loads(meta_path.read_text()))
 
 
 def run(args, records_path: Path, meta_path: Path) -> None:
-    done = set()
-    if records_path.exists():
-        for line in records_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((r["code"], r["task"], r["user_index"], r["strategy"]))
+    log = JsonlLog(records_path)
+    done = {(r["code"], r["task"], r["user_index"], r["strategy"]) for r in log}
     plan = [(task, int(n)) for task, n in (pair.split(":") for pair in args.tasks.split(","))]
     strategies = args.strategies.split(",")
     old_strategies = args.old_strategies.split(",") if args.old_code else []
@@ -174,21 +172,19 @@ def run(args, records_path: Path, meta_path: Path) -> None:
                          "uptime_start": uptime, "machine": platform.machine(), "cores": os.cpu_count(),
                          "threads": args.threads, "load_s": new.load_seconds,
                          "old_load_s": old.ready["load_s"] if old else None})
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json_atomic(meta_path, meta)
     try:
-        with records_path.open("a") as sink:
-            for code, task, index, strategy in todo:
-                record = (old if code == "old" else new).run(task, index, strategy)
-                record.update(code=code, user_index=index)
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-                print(f"{code} {task} {record['user']} {strategy}: {record['wall_s']:.1f} s, "
-                      f"peak {record['peak_rss_mb']:.0f} MB, load {record['loadavg_1min']:.1f}", flush=True)
+        for code, task, index, strategy in todo:
+            record = (old if code == "old" else new).run(task, index, strategy)
+            record.update(code=code, user_index=index)
+            log.append(record)
+            print(f"{code} {task} {record['user']} {strategy}: {record['wall_s']:.1f} s, "
+                  f"peak {record['peak_rss_mb']:.0f} MB, load {record['loadavg_1min']:.1f}", flush=True)
     finally:
         if old:
             old.close()
         meta["runs"][-1]["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        meta_path.write_text(json.dumps(meta, indent=1))
+        write_json_atomic(meta_path, meta)
 
 
 def profile(args) -> None:

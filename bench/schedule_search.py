@@ -31,6 +31,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from prisp.files import JsonlLog, write_atomic, write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("prisp", "oppu", "no-bridge", "bridge-only")
 # One epoch at three learning rates, and one two-epoch cell: a second epoch doubles the per-user cost, so it has
@@ -176,19 +178,15 @@ def main() -> None:
     records_path, meta_path = out.with_suffix(".jsonl"), out.with_suffix(".meta.json")
     if not args.report_only:
         run(args, records_path, meta_path)
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    records = JsonlLog(records_path).records()
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    out.with_suffix(".md").write_text(report(records, meta))
+    write_atomic(out.with_suffix(".md"), report(records, meta))
     print(out.with_suffix(".md"))
 
 
 def run(args, records_path: Path, meta_path: Path) -> None:
-    done = set()
-    if records_path.exists():
-        for line in records_path.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["task"], r["user"], r["strategy"], r["cell"]))
-    records_path.parent.mkdir(parents=True, exist_ok=True)
+    log = JsonlLog(records_path)
+    done = {(r["task"], r["user"], r["strategy"], r["cell"]) for r in log}
     search = Search(args.data, args.threads)
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
@@ -208,15 +206,14 @@ def run(args, records_path: Path, meta_path: Path) -> None:
                     record = search.run(task, user, strategy, cell, args.users, args.seed)
                     if cell["cell"] == "anchor":
                         record["strategy"] = "-"
-                    with records_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    log.append(record)
                     done.add((task, user, record["strategy"], cell["cell"]))
                     print(f"{task} {user} {strategy} {cell['cell']}: held NLL {record['held_nll']:.3f} "
                           f"score {record['held_score']} query {record['query_score']:.2f} "
                           f"{record['wall_s']:.1f}s", flush=True)
     meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     earlier = json.loads(meta_path.read_text()).get("runs", []) if meta_path.exists() else []
-    meta_path.write_text(json.dumps({**meta, "runs": earlier + [meta]}, indent=1) + "\n")
+    write_json_atomic(meta_path, {**meta, "runs": earlier + [meta]})
 
 
 def _mean(values) -> float | None:

@@ -10,9 +10,10 @@ import torch
 
 from prisp.adapters import LoraSpec, attach_lora, random_init
 from prisp.data.lamp import load_split
+from prisp.files import write_json_atomic
 from prisp.generation import GenerationConfig, clean_output, generate
 from prisp.models import load_model
-from prisp.predict import PredictConfig, predict_split, write_json_atomic
+from prisp.predict import PredictConfig, predict_split
 
 PROMPTS = ["Generate a headline for the following article. Article: cats. Headline:",
            "Which category? politics sports",

@@ -235,16 +235,16 @@ def test_recover_sweeps_crash_leftovers(store):
 
 def _save_and_hang(root: str, secret: bytes, user: str, stage: str, ready) -> None:
     """Child process: start saving version 2, stop at ``stage`` and wait to be killed."""
-    from prisp.serve import blobs
+    from prisp import files
 
     def hang(*args, **kwargs):
         ready.send("ready")
         time.sleep(120)
 
     if stage == "before-rename":
-        blobs.os.replace = hang  # the new version is written and fsynced, not yet renamed into place
+        files.os.replace = hang  # the new version is written and fsynced, not yet renamed into place
     else:
-        blobs.fsync_dir = hang  # renamed into place, but the row pointing at it is not committed
+        files.fsync_dir = hang  # renamed into place, but the row pointing at it is not committed
     store = AdapterStore(Path(root), StoreKey(secret))
     store.save(SaveRequest(user, "LaMP-4", "tiny", "prisp", items=1, continues=1), make_weights(2))
     ready.send("saved")
@@ -291,11 +291,11 @@ def test_rotation_reseals_everything_and_resumes(tmp_path, key, monkeypatch):
 
         real_write, calls = store_module.write_atomic, []
 
-        def flaky_write(path, data):
+        def flaky_write(path, data, **options):
             calls.append(path)
             if len(calls) == 2:
                 raise OSError("disk full (simulated)")
-            real_write(path, data)
+            real_write(path, data, **options)
 
         monkeypatch.setattr(store_module, "write_atomic", flaky_write)
         with pytest.raises(OSError):

@@ -87,9 +87,10 @@ def predict(
 
     from prisp.data.lamp import load_task_split
     from prisp.data.tasks import get_task
+    from prisp.files import write_json_atomic
     from prisp.generation import GenerationConfig
     from prisp.personalize import STRATEGIES, PersonalizeConfig
-    from prisp.predict import PredictConfig, predict_split, variant_method, write_json_atomic
+    from prisp.predict import PredictConfig, predict_split, variant_method
     from prisp.profiles import with_profiles
 
     spec = get_task(task)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from prisp.errors import ModelNotFoundError
+from prisp.files import fsync_tree, swap_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,8 @@ def convert_registered(entry: RegisteredModel, cache_dir: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
+        fsync_tree(tmp)
+        swap_into_place(tmp, cache_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

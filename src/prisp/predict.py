@@ -7,13 +7,9 @@ handed in through :class:`PredictConfig` ``profiles``, keyed by query id.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prisp.data.lamp import LampSplit, Query
 from prisp.data.prompts import query_prompt, retrieval_query, with_context
@@ -180,19 +176,3 @@ def _scored(model, tokenizer, prompts, labels, config: PredictConfig, gen_config
         if on_batch:
             on_batch(len(chunk))
     return GenerationResult(texts, 0, time.perf_counter() - start, truncated)
-
-
-def write_json_atomic(path: Path | str, payload: object) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -168,7 +168,7 @@ class ProfileStore:
             return None  # a damaged entry is regenerated rather than trusted
 
     def put(self, task: str, key: str, record: dict) -> None:
-        from prisp.predict import write_json_atomic
+        from prisp.files import write_json_atomic
 
         write_json_atomic(self.path(task, key), record)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from prisp.adapters.config import LoraSpec
 from prisp.adapters.weights import LoraWeights
 from prisp.errors import AdapterError
+from prisp.files import fsync_tree, swap_into_place
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,6 +60,7 @@ def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_na
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        fsync_tree(tmp)
         swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,22 +70,6 @@ def save_adapter(weights: LoraWeights, out_dir: str | os.PathLike, base_model_na
 def _replaceable(out: Path) -> bool:
     """Only an empty directory or a previous adapter may be replaced wholesale."""
     return out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_NAME).is_file())
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and restored on failure."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)  # only the unique name is wanted; rename needs the target absent
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter(adapter_dir: str | os.PathLike) -> LoraWeights:

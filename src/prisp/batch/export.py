@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prisp.adapters import load_adapter, save_adapter
 from prisp.batch.sink import AdapterSource
 from prisp.errors import DataError
+from prisp.files import write_atomic
 
 MODULES_TXT = "lora_modules.txt"
 MODULES_JSON = "lora_modules.json"
@@ -79,16 +79,5 @@ def _write_manifests(result: ExportResult) -> None:
     """``lora_modules.txt`` and ``lora_modules.json`` listing every exported adapter."""
     entries = [{"name": name, "path": str(result.out / name), "base_model_name": result.base_model_name}
                for name in result.names]
-    _write_atomic(result.out / MODULES_TXT, "".join(f"{e['name']}={e['path']}\n" for e in entries))
-    _write_atomic(result.out / MODULES_JSON, json.dumps(entries, indent=1) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(result.out / MODULES_TXT, "".join(f"{e['name']}={e['path']}\n" for e in entries))
+    write_atomic(result.out / MODULES_JSON, json.dumps(entries, indent=1) + "\n")

@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 from prisp.adapters import CONFIG_NAME, LoraWeights, load_adapter, save_adapter
 from prisp.errors import AdapterError, DataError
+from prisp.files import JsonlLog
 
 REPORT_NAME = "personalization.json"
 LOG_NAME = "results.jsonl"
@@ -100,10 +101,7 @@ class DirectoryStore:
         return str(out)
 
     def log(self, record: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        # One write per line and a flush: a crash loses at most the line being written.
-        with self.log_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), **record}, default=str) + "\n")
+        JsonlLog(self.log_path).append({"time": round(time.time(), 3), **record})
 
     def user_ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -129,13 +127,7 @@ class DirectoryStore:
 
     def read_log(self) -> Iterator[dict]:
         """Records of ``results.jsonl`` in order; a torn last line (crash mid-write) is skipped."""
-        if not self.log_path.is_file():
-            return
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        return iter(JsonlLog(self.log_path))
 
 
 def open_store(root: str | os.PathLike, task: str | None = None, key_file: str | os.PathLike | None = None,

@@ -15,6 +15,7 @@ from prisp.bench.methods import BENCH_METHODS, UNTRAINED_KINDS, VARIANTS
 from prisp.bench.results import KEY_DEFAULTS, git_revision
 from prisp.bench.stats import UserStats, paired_bootstrap
 from prisp.data.tasks import get_task
+from prisp.files import write_atomic
 from prisp.metrics import METRIC_KEYS
 
 REPORT_NAME = "report.md"
@@ -304,7 +305,7 @@ def write_report(config: BenchConfig, rows: Sequence[dict], missing: Sequence = 
                   "|---|---|---|---|---|"]
         lines += [f"| {c.task} | {c.method} | {c.variant} | {c.items} | {c.users} |" for c in missing]
     path = out / REPORT_NAME
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -6,10 +6,10 @@ directory skips what is done and a different model or protocol adds its own rows
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from prisp.files import JsonlLog
 
 RESULTS_NAME = "results.jsonl"
 KEY_FIELDS = ("model", "protocol", "split", "decode", "schedule", "task", "method", "variant", "items", "users")
@@ -34,22 +34,13 @@ def row_key(row: dict) -> tuple:
 
 
 class ResultStore:
-    """The ``results.jsonl`` of a run directory."""
+    """The ``results.jsonl`` of a run directory (a :class:`prisp.files.JsonlLog`: a row torn by a crash is
+    redone, not trusted)."""
 
     def __init__(self, out_dir: Path | str):
-        self.path = Path(out_dir) / RESULTS_NAME
-        self._rows = self._read()
-
-    def _read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write is redone, not trusted
-        return rows
+        self._log = JsonlLog(Path(out_dir) / RESULTS_NAME)
+        self.path = self._log.path
+        self._rows = self._log.records()
 
     @property
     def rows(self) -> list[dict]:
@@ -62,24 +53,8 @@ class ResultStore:
         """Add a row durably (one line, flushed and synced) unless its key is already present."""
         if self.has(row_key(row)):
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A crash can leave a partial last line; start on a fresh line so the new row stays readable.
-        prefix = (
-            "\n"
-            if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path)
-            else ""
-        )
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(prefix + json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        self._log.append(row)
         self._rows.append(row)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
 
 
 def git_revision(start: Path | None = None) -> str | None:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from prisp.data.tasks import get_task
 from prisp.errors import DownloadError
+from prisp.files import fsync_dir, fsync_file, write_atomic
 
 DEFAULT_BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP"
 BASE_URL_ENV = "PRISP_LAMP_URL"
@@ -220,7 +220,9 @@ def _download_file(spec: FileSpec, final: Path, *, progress: bool, timeout: floa
         part.unlink(missing_ok=True)
         raise DownloadError(f"checksum mismatch for {spec.name}: expected {expected}, got {digest}")
     _check_json(part, spec)
+    fsync_file(part)
     os.replace(part, final)
+    fsync_dir(final.parent)
     _record_sum(sums_path, final.name, digest)
     return DownloadResult(spec, final, digest, final.stat().st_size, "resumed" if resumed else "downloaded")
 
@@ -353,14 +355,7 @@ def _record_sum(path: Path, name: str, digest: str) -> None:
         return
     sums[name] = digest
     text = "".join(f"{value}  {key}\n" for key, value in sorted(sums.items()))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
 
 
 def _check_splits(splits: Iterable[str]) -> list[str]:

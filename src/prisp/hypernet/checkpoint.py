@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prisp.adapters.io import swap_into_place
 from prisp.errors import AdapterError
+from prisp.files import fsync_tree, swap_into_place
 from prisp.hypernet.encoders import ENCODER_NAMES
 from prisp.hypernet.model import HyperNet, HyperNetConfig
 from prisp.training import TrainState
@@ -106,6 +106,7 @@ def save_checkpoint(checkpoint: HyperNetCheckpoint, out_dir: str | os.PathLike) 
         for file in files:
             file.chmod(0o644)
         tmp.chmod(0o755)
+        fsync_tree(tmp)
         swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,6 +35,7 @@ from torch import nn
 
 from prisp.adapters import LoraSpec, shapes_for_model
 from prisp.errors import DataError
+from prisp.files import JsonlLog
 from prisp.hypernet import recon as recon_mode
 from prisp.hypernet.checkpoint import HyperNetCheckpoint, load_checkpoint, save_checkpoint
 from prisp.hypernet.data import DescriptionTable, SniData, described_examples, description_table
@@ -362,12 +363,7 @@ def _end_of_epoch(run: _Run, state: RunState) -> None:
 
 
 def _epoch_losses(log_file: Path, epoch: int) -> dict:
-    values = []
-    if log_file.is_file():
-        for line in log_file.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if "loss" in record and record.get("epoch") == epoch:
-                values.append(record["loss"])
+    values = [r["loss"] for r in JsonlLog(log_file) if "loss" in r and r.get("epoch") == epoch]
     if not values:
         return {}
     tail = values[-max(1, len(values) // 10):]
@@ -384,17 +380,16 @@ def _save(run: _Run, state: RunState) -> None:
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop step records past ``step`` (written after the last checkpoint)."""
-    if not log_file.is_file():
-        return
-    lines = log_file.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step or "loss" not in json.loads(line)]
-    log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    """Drop step records past ``step`` (written after the last checkpoint) and any line a crash tore."""
+    log = JsonlLog(log_file)
+    if log.path.is_file():
+        log.rewrite(r for r in log.records() if "loss" not in r or r.get("step", 0) <= step)
 
 
 def _log(run: _Run, record: dict) -> None:
-    with run.log_file.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    # Per-step records are not fsynced: a crash loses at most the steps after the last checkpoint,
+    # which resume truncates anyway.
+    JsonlLog(run.log_file).append(record, sync=False)
 
 
 def _fmt(metrics: dict) -> str:

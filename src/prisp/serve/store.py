@@ -27,8 +27,9 @@ from typing import Self
 
 from prisp.adapters import LoraWeights
 from prisp.errors import AdapterError, PrispError
+from prisp.files import TMP_PREFIX, fsync_dir, make_private_dirs, write_atomic
 from prisp.serve.auth import valid_user_id
-from prisp.serve.blobs import TMP_PREFIX, adapter_from_bytes, adapter_to_bytes, fsync_dir, write_atomic
+from prisp.serve.blobs import adapter_from_bytes, adapter_to_bytes
 from prisp.serve.keys import SealError, StoreKey, seal, slot_aad, unseal
 
 DB_NAME = "store.sqlite3"
@@ -134,8 +135,8 @@ class AdapterStore:
         if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / DB_NAME).exists():
             raise PrispError(f"store {self.root} is a non-empty directory without {DB_NAME}; pick an empty "
                              "or new directory")
-        (self.root / USERS_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
+        make_private_dirs(self.root / USERS_DIR)
+        os.chmod(self.root, 0o700)  # an existing (e.g. pre-created, empty) root is made private too
 
     def _take_lock(self) -> None:
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -274,7 +275,7 @@ class AdapterStore:
                                            f"version {request.continues}, now {now})")
             record = self._new_record(request, old, version=row[0])
             aad = slot_aad(self.store_id, request.user_id, request.task, record.version)
-            write_atomic(self.root / record.file, seal(self.key, data, aad))
+            write_atomic(self.root / record.file, seal(self.key, data, aad), private=True)
             with self._transaction() as db:
                 db.execute("UPDATE users SET next_version = ? WHERE user_id = ?", (record.version + 1,
                                                                                    request.user_id))
@@ -374,7 +375,7 @@ class AdapterStore:
             # A rotation killed between this file's rename and its row update: already under the new key.
             unseal(new_key, blob, aad, record.file)
             return
-        write_atomic(self.root / record.file, seal(new_key, plain, aad))
+        write_atomic(self.root / record.file, seal(new_key, plain, aad), private=True)
 
 
 _FIELDS = list(AdapterRecord.__dataclass_fields__)
