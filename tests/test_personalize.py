@@ -31,7 +31,8 @@ from prisp.personalize import STRATEGIES, PersonalizeConfig, personalization_hyp
 from prisp.personalize.hyperparams import TUNED
 from prisp.personalize.per_user import cache_adapter
 from prisp.personalize.personalizer import _prepare
-from prisp.training import TrainConfig, _decoder_and_head, tokenize_examples, train
+from prisp.training import TrainConfig, tokenize_examples, train
+from prisp.training.loop import _decoder_and_head
 
 runner = CliRunner()
 

@@ -30,7 +30,7 @@ _EXPORTS = {
     "AdapterSource": "prisp.batch.sink",
     "DirectoryStore": "prisp.batch.sink",
     "StoredAdapter": "prisp.batch.sink",
-    "open_store": "prisp.batch.sink",
+    "open_store": "prisp.batch.sealed",
     "UserJob": "prisp.batch.users",
     "UserSet": "prisp.batch.users",
     "load_users": "prisp.batch.users",

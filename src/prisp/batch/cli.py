@@ -47,7 +47,7 @@ def personalize_batch_command(
     from prisp.adapters import load_adapter
     from prisp.batch.config import BatchConfig
     from prisp.batch.runner import run_batch
-    from prisp.batch.sink import open_store
+    from prisp.batch.sealed import open_store
     from prisp.batch.users import load_users
     from prisp.data.tasks import get_task
     from prisp.personalize import PersonalizeConfig
@@ -87,7 +87,7 @@ def export_vllm_command(
 ) -> None:
     """Write the store's per-user adapters in the layout vLLM multi-LoRA serving loads (plaintext: protect OUT)."""
     from prisp.batch.export import MODULES_JSON, MODULES_TXT, export_vllm
-    from prisp.batch.sink import open_store
+    from prisp.batch.sealed import open_store
     from prisp.data.tasks import normalize_task_name
 
     with open_store(store, normalize_task_name(task) if task else None, key_file, writer=False) as source:

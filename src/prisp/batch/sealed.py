@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from prisp.adapters import LoraWeights
-from prisp.batch.sink import DirectoryStore, StoredAdapter
+from prisp.batch.sink import AdapterSink, DirectoryStore, StoredAdapter
 from prisp.errors import PrispError
 
 _LOCATION = re.compile(r"/v(?P<version>\d+)$")
@@ -110,3 +110,21 @@ class SealedStoreSink:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def open_store(root: str | os.PathLike, task: str | None = None, key_file: str | os.PathLike | None = None,
+               writer: bool = True) -> AdapterSink:
+    """The store at ``root``: the serving layer's encrypted store when ``root`` is one, else a directory store.
+
+    Args:
+        root: store directory (created on the first write when it does not exist).
+        task: the batch's task (an encrypted store keeps one adapter per user *and task*).
+        key_file: the encrypted store's key file (default: ``$PRISP_STORE_KEY``); unused otherwise.
+        writer: open the encrypted store for writing (takes its lock) rather than for export.
+
+    Raises:
+        PrispError: an encrypted store without a task or key, or one a server holds open.
+    """
+    if is_sealed_store(root):
+        return open_sealed_store(root, task, key_file, writer)
+    return DirectoryStore(root)

@@ -128,23 +128,3 @@ class DirectoryStore:
     def read_log(self) -> Iterator[dict]:
         """Records of ``results.jsonl`` in order; a torn last line (crash mid-write) is skipped."""
         return iter(JsonlLog(self.log_path))
-
-
-def open_store(root: str | os.PathLike, task: str | None = None, key_file: str | os.PathLike | None = None,
-               writer: bool = True) -> AdapterSink:
-    """The store at ``root``: the serving layer's encrypted store when ``root`` is one, else a directory store.
-
-    Args:
-        root: store directory (created on the first write when it does not exist).
-        task: the batch's task (an encrypted store keeps one adapter per user *and task*).
-        key_file: the encrypted store's key file (default: ``$PRISP_STORE_KEY``); unused otherwise.
-        writer: open the encrypted store for writing (takes its lock) rather than for export.
-
-    Raises:
-        PrispError: an encrypted store without a task or key, or one a server holds open.
-    """
-    from prisp.batch.sealed import is_sealed_store, open_sealed_store
-
-    if is_sealed_store(root):
-        return open_sealed_store(root, task, key_file, writer)
-    return DirectoryStore(root)

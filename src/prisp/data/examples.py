@@ -17,7 +17,15 @@ from prisp.data.protocol import DEFAULT_K, recent_items
 from prisp.data.tasks import get_task
 from prisp.errors import DataError
 from prisp.retrieval import Bm25Retriever, item_text
-from prisp.training import Example
+
+
+@dataclass
+class Example:
+    """One supervised example: the model should answer ``prompt`` with ``answer``."""
+
+    prompt: str
+    answer: str
+
 
 # Answers longer than this are clipped (LaMP-1 items train title -> abstract); keeps examples within budget.
 ANSWER_CHARS = 600

@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prisp.data.examples import Example
 from prisp.errors import DataError
-from prisp.training import Example
 
 SPLITS = ("train", "heldout")
 

@@ -26,7 +26,7 @@ from prisp.data.tasks import label_set
 from prisp.generation import GenerationResult
 from prisp.predict import PredictConfig, PredictionRun, predict_split
 from prisp.sharers.pool import Sharer
-from prisp.training import _MemoryMonitor  # the loop's own monitor: one accounting for every method
+from prisp.training import MemoryMonitor  # the loop's own monitor: one accounting for every method
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Measurement:
 def measured(device: torch.device | str = "cpu") -> Iterator[Measurement]:
     """Time a block and sample its peak memory exactly as ``prisp.training.train`` does."""
     out = Measurement()
-    monitor = _MemoryMonitor(torch.device(device))
+    monitor = MemoryMonitor(torch.device(device))
     start = time.perf_counter()
     with monitor:
         yield out

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import resource
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +23,9 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-IGNORE_INDEX = -100  # label value the causal-LM loss skips
+from prisp.training.batches import IGNORE_INDEX, TokenizedExample, collate, fit_example
+from prisp.training.memory import MemoryMonitor
+
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 
@@ -95,96 +93,6 @@ class TrainConfig:
         for option, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid training option {option}={getattr(self, option)!r}")
-
-
-@dataclass
-class Example:
-    """One supervised example: the model should answer ``prompt`` with ``answer``."""
-
-    prompt: str
-    answer: str
-
-
-@dataclass
-class TokenizedExample:
-    """Token ids ready for the loop.
-
-    Attributes:
-        input_ids: Prompt then answer tokens.
-        labels: ``IGNORE_INDEX`` on prompt tokens, the token id on answer tokens.
-        truncated: Whether the prompt lost tokens to fit a length limit.
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
-
-
-def tokenize_examples(
-    tokenizer, examples: Sequence[Example], max_length: int, chat: bool = True
-) -> list[TokenizedExample]:
-    """Tokenize prompt/answer pairs with the loss on answer tokens only.
-
-    With ``chat`` and a tokenizer that has a chat template, the prompt is rendered as a user
-    turn plus the generation prompt, exactly as at inference; the answer (no special
-    tokens, so format any leading space into it) and EOS follow.
-
-    Raises:
-        ValueError: An example has no answer tokens.
-    """
-    use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
-    for index, example in enumerate(examples):
-        if use_chat:
-            messages = [{"role": "user", "content": example.prompt}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The template already carries BOS and friends.
-            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
-        if not answer_ids:
-            raise ValueError(f"example {index} has an empty answer and the tokenizer has no EOS")
-        raw = TokenizedExample(
-            input_ids=list(prompt_ids) + answer_ids,
-            labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-        )
-        out.append(fit_example(raw, max_length))
-    return out
-
-
-def fit_example(example: TokenizedExample, max_length: int) -> TokenizedExample:
-    """Cut an over-long example to ``max_length`` from the left of its prompt.
-
-    The answer is what we learn from, so it survives; only an answer longer than the limit
-    is itself cut (from its end, keeping one prompt token to predict its first token).
-    """
-    if len(example.input_ids) <= max_length:
-        return example
-    labels = example.labels
-    n_prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-    n_answer = len(example.input_ids) - n_prompt
-    keep_answer = min(n_answer, max_length - 1 if n_prompt else max_length)
-    keep_prompt = max_length - keep_answer
-    kept = slice(n_prompt - keep_prompt, n_prompt + keep_answer)
-    return TokenizedExample(input_ids=example.input_ids[kept], labels=example.labels[kept], truncated=True)
-
-
-def collate(
-    examples: Sequence[TokenizedExample], pad_id: int = 0, device: torch.device | str = "cpu"
-) -> dict[str, Tensor]:
-    """Right-pad a batch into ``input_ids``, ``attention_mask`` and ``labels``, each ``[b, T]``."""
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # [b, T]
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # [b, T]
-    mask = torch.zeros((len(examples), length), dtype=torch.long)  # [b, T]
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -309,60 +217,6 @@ class TrainState:
 
 
 StepCallback = Callable[[TrainState, float], None]  # (state after the step, the step's loss)
-
-
-def _current_rss_mb() -> float | None:
-    """Resident set size now, from /proc (Linux); None where unavailable."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _MemoryMonitor:
-    """Peak memory over a block: sampled RSS in a daemon thread, CUDA peak stats."""
-
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
-        self.device = device
-        self.interval_s = interval_s
-        self.baseline = self.peak = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prisp-rss-sampler", daemon=True)
-
-    def sample(self) -> None:
-        rss = _current_rss_mb()
-        if rss is not None:
-            self.peak = rss if self.peak is None else max(self.peak, rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> _MemoryMonitor:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.baseline = _current_rss_mb()
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-    def report(self) -> dict[str, float | None]:
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        cuda = self.device.type == "cuda"
-        return {
-            "peak_rss_mb": self.peak,
-            "peak_rss_delta_mb": None if self.peak is None else self.peak - self.baseline,
-            # ru_maxrss is in bytes on macOS, KiB on Linux.
-            "process_peak_rss_mb": maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10,
-            "peak_cuda_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
-        }
 
 
 def _check_params(params: Sequence[nn.Parameter]) -> None:
@@ -536,7 +390,7 @@ def train(
         threads=torch.get_num_threads(),
     )
     modes = {module: module.training for module in model.modules()}
-    monitor = _MemoryMonitor(device)
+    monitor = MemoryMonitor(device)
     bar = tqdm(total=last - first, disable=not config.progress, desc="train", leave=False)
     start = time.perf_counter()
     try:
