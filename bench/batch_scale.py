@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_data_dir
 from prisp.files import JsonlLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="LaMP-4")
     parser.add_argument("--users", type=int, default=5)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/lamp-offline"))
+    parser.add_argument("--data", default=str(default_data_dir(benchmark=True)))
     parser.add_argument("--work", default="/tmp/batch-scale")
     parser.add_argument("--out", default=str(ROOT / "bench/results/batch_scale.md"))
     args = parser.parse_args()

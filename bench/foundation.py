@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_data_dir
+
 TASKS = ("LaMP-1", "LaMP-2N", "LaMP-4", "LaMP-5")
 METHODS = ("np", "rag")
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def run(cmd: list[str], env: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("PRISP_DATA", str(ROOT.parent / "shared/data/lamp-offline")))
+    parser.add_argument("--data", default=str(default_data_dir(benchmark=True)))
     parser.add_argument("--split", default="dev")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_data_dir, default_sni_file
+
 ROOT = Path(__file__).resolve().parents[1]
 LAMP_TASKS = ("LaMP-1", "LaMP-2N", "LaMP-4", "LaMP-5")
 # Fig. 8's three kinds of description for LaMP-2N (the reference one is Table 11's, see TASK_DESCRIPTIONS).
@@ -285,9 +287,8 @@ def write_report(path: Path, result: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = ROOT.parent / "shared" / "data"
-    parser.add_argument("--sni", default=str(shared / "sni" / "tasks.jsonl"))
-    parser.add_argument("--data", default=os.environ.get("PRISP_DATA", str(shared / "lamp-offline")))
+    parser.add_argument("--sni", default=str(default_sni_file()))
+    parser.add_argument("--data", default=str(default_data_dir(benchmark=True)))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--hypernet", default=None, help="checkpoint (default: the one shipped for the model)"

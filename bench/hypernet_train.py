@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_sni_file
 from prisp.files import JsonlLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
     t.add_argument("--out", default="/tmp/hypernet-run")
-    t.add_argument("--data", default=os.environ.get("PRISP_SNI", "../shared/data/sni/tasks.jsonl"))
+    t.add_argument("--data", default=str(default_sni_file()))
     t.add_argument("--resume", action="store_true")
     r = sub.add_parser("report")
     r.add_argument("--run", default="/tmp/hypernet-run", type=Path)

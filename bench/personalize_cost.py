@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_data_dir
 from prisp.files import JsonlLog, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="LaMP-4:10,LaMP-1:4,LaMP-2N:4,LaMP-5:4",
                         help="task:users pairs (the first N dev users of each)")
-    parser.add_argument("--data", default=os.environ.get("PRISP_DATA", str(ROOT.parent / "shared/data/lamp-offline")))
+    parser.add_argument("--data", default=str(default_data_dir(benchmark=True)))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--old-code", type=Path, default=None, help="another prisp checkout to compare against")

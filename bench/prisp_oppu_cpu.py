@@ -16,12 +16,14 @@ import os
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("PRISP_DATA", str(ROOT.parent / "shared/data/lamp-offline")))
+    parser.add_argument("--data", default=str(default_data_dir(benchmark=True)))
     parser.add_argument("--task", default="LaMP-2N")
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()

@@ -53,6 +53,7 @@ from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter
 from prisp.bench.results import git_revision
 from prisp.data.examples import item_example
 from prisp.data.lamp import ProfileItem, load_task_split
+from prisp.data.locations import default_data_dir
 from prisp.data.protocol import recent_items
 from prisp.data.tasks import label_set
 from prisp.models import load_model
@@ -60,7 +61,6 @@ from prisp.personalize import STRATEGIES, PersonalizeConfig, personalize, task_a
 from prisp.training import IGNORE_INDEX, Example, collate, tokenize_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = ROOT / "src/prisp/data/sample"
 # (prefix of the secret, the item text it is attached to); canary i uses entry i (cycling).
 CANARY_FORMATS = [
     ("my pin is", "A private reminder I keep for myself about the card for my bank account."),
@@ -276,12 +276,7 @@ def mia_user(task: str, user: str, profile, k: int, heldout: int, labels) -> Mia
 
 
 def resolve_data(data: str | None) -> Path:
-    if data:
-        return Path(data)
-    if os.environ.get("PRISP_DATA"):
-        return Path(os.environ["PRISP_DATA"])
-    offline = ROOT.parent / "shared/data/lamp-offline"
-    return offline if offline.is_dir() else SAMPLE_DATA
+    return Path(data) if data else default_data_dir(benchmark=True, sample_if_missing=True)
 
 
 def get_anchor(args, base, tokenizer, data: Path) -> tuple[LoraWeights, str, float]:

@@ -31,6 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from prisp.data.locations import default_data_dir
 from prisp.files import JsonlLog, write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def evaluate(model, tokenizer, task: str, query, labels) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("PRISP_DATA", str(ROOT.parent / "shared/data/lamp-offline")))
+    parser.add_argument("--data", default=str(default_data_dir(benchmark=True)))
     parser.add_argument("--tasks", default="LaMP-4,LaMP-2N,LaMP-1,LaMP-5")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--users", type=int, default=2)

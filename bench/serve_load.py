@@ -45,6 +45,7 @@ import torch
 from prisp.adapters import LoraWeights, attach_lora, random_init, shared_copy
 from prisp.bench.results import git_revision
 from prisp.data.lamp import load_task_split
+from prisp.data.locations import default_data_dir
 from prisp.data.prompts import query_prompt
 from prisp.data.protocol import recent_items
 from prisp.generation import format_prompt
@@ -56,7 +57,6 @@ from prisp.serve.keys import generate_key
 from prisp.serve.store import SaveRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = ROOT / "src/prisp/data/sample"
 
 
 @dataclass
@@ -91,12 +91,7 @@ def start_server(config: ServeConfig, key, loaded) -> LiveServer:
 
 
 def resolve_data(data: str | None) -> Path:
-    if data:
-        return Path(data)
-    if os.environ.get("PRISP_DATA"):
-        return Path(os.environ["PRISP_DATA"])
-    offline = ROOT.parent / "shared/data/lamp-offline"
-    return offline if offline.is_dir() else SAMPLE_DATA
+    return Path(data) if data else default_data_dir(benchmark=True, sample_if_missing=True)
 
 
 def seeded_adapter(model, like: LoraWeights, seed: int, scale: float = 0.01) -> LoraWeights:

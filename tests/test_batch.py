@@ -29,7 +29,7 @@ from prisp.batch import (
     user_seed,
 )
 from prisp.batch.cli import export_app, personalize_batch_command
-from prisp.cli import SAMPLE_DIR
+from prisp.data.locations import SAMPLE_DIR
 from prisp.errors import DataError, PrispError
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig, personalize

@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from prisp.adapters import LoraSpec, random_init, save_adapter, shapes_for_model
-from prisp.cli import SAMPLE_DIR, app
+from prisp.cli import app
+from prisp.data.locations import SAMPLE_DIR
 from prisp.errors import PrispError
 from prisp.models import load_model
 

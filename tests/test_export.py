@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from prisp.adapters import LoraSpec, attach_lora, random_init
 from prisp.batch import DirectoryStore, export_vllm, load_users
 from prisp.batch.cli import export_app
-from prisp.cli import SAMPLE_DIR
+from prisp.data.locations import SAMPLE_DIR
 from prisp.errors import DataError
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig, personalize

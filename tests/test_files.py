@@ -84,3 +84,25 @@ def test_jsonl_log_ignores_lines_that_are_json_but_not_records(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_bytes(b'{"n": 1}\n[1, 2]\n\n\xff\xfe\n{"n": 2}\n')
     assert JsonlLog(path).records() == [{"n": 1}, {"n": 2}]
+
+
+def test_default_data_locations_follow_env_then_working_directory(tmp_path, monkeypatch):
+    from prisp.data.locations import SAMPLE_DIR, default_data_dir, default_sni_file
+
+    monkeypatch.delenv("PRISP_DATA", raising=False)
+    monkeypatch.delenv("PRISP_SNI", raising=False)
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert default_data_dir() == SAMPLE_DIR and (SAMPLE_DIR / "LaMP-4").is_dir()
+    shared = tmp_path / "shared" / "data" / "lamp-offline"
+    # The benchmark looks beside the working directory, never beside the installed package.
+    assert default_data_dir(benchmark=True).resolve() == shared
+    assert default_data_dir(benchmark=True, sample_if_missing=True) == SAMPLE_DIR
+    shared.mkdir(parents=True)
+    assert default_data_dir(benchmark=True, sample_if_missing=True).resolve() == shared
+    assert default_sni_file().resolve() == tmp_path / "shared" / "data" / "sni" / "tasks.jsonl"
+    monkeypatch.setenv("PRISP_DATA", str(tmp_path / "mine"))
+    monkeypatch.setenv("PRISP_SNI", str(tmp_path / "sni.jsonl"))
+    assert default_data_dir() == default_data_dir(benchmark=True) == tmp_path / "mine"
+    assert default_sni_file() == tmp_path / "sni.jsonl"

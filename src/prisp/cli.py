@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,8 +12,10 @@ import typer
 from prisp.batch.cli import export_app, personalize_batch_command
 from prisp.bench.cli import bench_command
 from prisp.console import SCHEDULE_HELP, THREADS_HELP, friendly, quiet_transformers, set_threads
+from prisp.data.locations import SAMPLE_DIR, default_data_dir
 from prisp.errors import PrispError
 from prisp.hypernet.cli import anchor_command, hypernet_app
+from prisp.models import DEFAULT_MODEL
 from prisp.serve.cli import serve_app
 
 app = typer.Typer(help="prisp: private, few-shot personalization of small language models.",
@@ -26,14 +27,6 @@ app.add_typer(serve_app, name="serve")
 app.add_typer(hypernet_app, name="hypernet")
 app.add_typer(export_app, name="export")
 data_app.add_typer(download_app, name="download")
-
-SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
-
-
-def default_data_dir() -> Path:
-    """``$PRISP_DATA`` when set, else the hand-written sample shipped in the package."""
-    return Path(os.environ["PRISP_DATA"]) if os.environ.get("PRISP_DATA") else SAMPLE_DIR
-
 
 DECODE_HELP = ("Label tasks (LaMP-1/2/2N/3): auto = labels; labels = rank the task's label set by the model's "
                "log-likelihood (always a label); free = greedy generation (snapped to a label in predict).")
@@ -71,7 +64,7 @@ def predict(
     schedule: str = typer.Option("paper", help=f"Personalized methods: {SCHEDULE_HELP}"),
     k: int = typer.Option(1, help="Items retrieved per query (rag)."),
     history: int = typer.Option(10, help="Recent history items retrieval may use (0 = whole profile)."),
-    model: str = typer.Option("smollm2-135m", help="Registered name, local model dir or cached HF id."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Registered name, local model dir or cached HF id."),
     adapter: Optional[Path] = typer.Option(None, help="A peft LoRA adapter directory to apply."),
     limit: Optional[int] = typer.Option(None, help="Answer only the first N queries."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
@@ -220,7 +213,7 @@ def personalize_cmd(
     micro_batch_size: int = typer.Option(4, help="Gradient-accumulation chunk (bounds memory; same update)."),
     micro_batch_tokens: int = typer.Option(640, help="Cap on a chunk's padded tokens (bounds memory; same update)."),
     seed: int = typer.Option(0, help="Seed."),
-    model: str = typer.Option("smollm2-135m", help="Base model."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Stage 2: personalize an anchor for one user; writes a plain peft LoRA + personalization.json."""
@@ -259,7 +252,7 @@ def task_adapt_cmd(
     lr: float = typer.Option(1e-4, help="Learning rate (Table 7: 1e-4)."),
     batch_size: int = typer.Option(6, help="Batch size (Table 7: 6)."),
     seed: int = typer.Option(0, help="Seed for sampling and init."),
-    model: str = typer.Option("smollm2-135m", help="Base model."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Train a task-adapted anchor LoRA on N random task samples (the paper's baselines' task stage)."""
@@ -287,7 +280,7 @@ def task_adapt_cmd(
 def lora_init_cmd(
     out: Path = typer.Option(..., help="Output adapter directory."),
     seed: int = typer.Option(0, help="Seed."),
-    model: str = typer.Option("smollm2-135m", help="Base model (shapes are read from it)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model (shapes are read from it)."),
 ) -> None:
     """Write a random-init peft LoRA (r 8, q_proj/v_proj; B = 0) to use as an anchor."""
     from prisp.adapters import LoraSpec, random_init, save_adapter
@@ -305,7 +298,7 @@ def generate(
     task: Optional[str] = typer.Option(None, help="Wrap --input in the task's Table 16 prompt."),
     max_new_tokens: int = typer.Option(64, help="Answer budget."),
     decode: str = typer.Option("auto", help=DECODE_HELP + " Needs --task for labels."),
-    model: str = typer.Option("smollm2-135m", help="Base model."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Generate one answer, optionally with an adapter."""
@@ -349,7 +342,7 @@ def models() -> None:
 @app.command()
 @friendly
 def demo(
-    model: str = typer.Option("smollm2-135m", help="Base model."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model."),
     data: Path = typer.Option(SAMPLE_DIR, help="Data directory [default: the packaged sample]."),
     split: str = typer.Option("dev", help="Split."),
     tasks: str = typer.Option("LaMP-1,LaMP-2,LaMP-2N,LaMP-3,LaMP-4,LaMP-5,LaMP-7", help="Comma-separated tasks."),

@@ -15,11 +15,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from prisp.errors import ModelNotFoundError
 from prisp.files import fsync_tree, swap_into_place
+
+if TYPE_CHECKING:  # torch loads lazily: the CLI reads DEFAULT_MODEL and the registry without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ def find_gguf(entry: RegisteredModel) -> Path:
 
 def convert_registered(entry: RegisteredModel, cache_dir: Path) -> None:
     """Dequantize the packaged GGUF to float32 safetensors in ``cache_dir`` (atomic: temp dir, then rename)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_gguf(entry)
@@ -127,15 +130,22 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL) -> tuple[str, str]:
     return name_or_path, "hub-cache"
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
                device: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for prisp (eval mode, left padding, a pad token set).
+
+    Args:
+        name_or_path: registered name, local model directory or a model id in the local HF cache.
+        dtype: weights' dtype (default float32: CPU training and scoring want it).
+        device: move the model there (default: stay on CPU).
 
     Raises:
         ModelNotFoundError: one line saying what to install or where to put the model.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = dtype or torch.float32
     source, kind = resolve_model(name_or_path)
     offline = {"local_files_only": True}
     try:

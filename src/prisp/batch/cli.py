@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from prisp.console import SCHEDULE_HELP, friendly
+from prisp.models import DEFAULT_MODEL
 
 export_app = typer.Typer(help="Export personalized adapters for serving stacks.", no_args_is_help=True)
 
@@ -27,7 +28,7 @@ def personalize_batch_command(
     workers: Optional[int] = typer.Option(None, help="Parallel workers [default: one per core / cluster CPU]."),
     threads: Optional[int] = typer.Option(None, help="torch threads per worker [default: cores // workers]."),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting one."),
-    model: str = typer.Option("smollm2-135m", help="Base model (registered name or local directory)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model (registered name or local directory)."),
     strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only."),
     seed: int = typer.Option(0, help="Run seed; each user's seed derives from it and the user id."),
     retries: int = typer.Option(2, help="Extra attempts for a user after a transient failure."),

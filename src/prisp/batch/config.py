@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from prisp.console import available_cores  # noqa: F401 - part of this module's API (prisp.batch)
 from prisp.errors import PrispError
+from prisp.models import DEFAULT_MODEL
 from prisp.personalize import PersonalizeConfig
 
 BACKENDS = ("local", "ray")
@@ -46,7 +47,7 @@ class BatchConfig:
     """
 
     task: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     backend: str = "local"
     workers: int | None = None
     threads: int | None = None

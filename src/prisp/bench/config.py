@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prisp.batch.config import WorkerPlan, available_cores
 from prisp.bench.methods import DEFAULT_METHODS, VARIANTS, get_method
+from prisp.data.locations import SAMPLE_DIR, default_data_dir
 from prisp.data.tasks import normalize_task_name
 from prisp.errors import PrispError
 from prisp.models import DEFAULT_MODEL
 from prisp.personalize.hyperparams import check_schedule
 from prisp.profiles import ProfileConfig
 from prisp.sharers import PerPcsConfig, PrimeConfig, SharerConfig
-
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
-
-
-def default_bench_data() -> Path:
-    """``$PRISP_DATA``, else ``../shared/data/lamp-offline`` beside the repository."""
-    if os.environ.get("PRISP_DATA"):
-        return Path(os.environ["PRISP_DATA"])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "lamp-offline"
 
 
 @dataclass(frozen=True)
@@ -82,7 +73,7 @@ class BenchConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     variants: tuple[str, ...] = tuple(VARIANTS)
     protocol: str = "few-shot"
-    data: Path = field(default_factory=default_bench_data)
+    data: Path = field(default_factory=lambda: default_data_dir(benchmark=True))
     split: str = "dev"
     train_split: str = "train"
     sharer_split: str = "sharer"

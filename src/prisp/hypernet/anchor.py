@@ -17,6 +17,7 @@ from prisp.adapters import LoraWeights, save_adapter, shapes_for_config, shapes_
 from prisp.errors import AdapterError, DataError
 from prisp.hypernet.checkpoint import HyperNetCheckpoint, load_checkpoint, read_meta, shipped_checkpoint
 from prisp.hypernet.encoders import DescriptionEncoder, make_encoder
+from prisp.models import DEFAULT_MODEL
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Anchorer:
         checkpoint.hypernet.eval()
 
     @classmethod
-    def load(cls, hypernet: str | os.PathLike | None = None, model_name: str = "smollm2-135m",
+    def load(cls, hypernet: str | os.PathLike | None = None, model_name: str = DEFAULT_MODEL,
              base=None, tokenizer=None) -> Anchorer:
         """Load a checkpoint (default: the shipped one for ``model_name``) and check it fits the model.
 
@@ -142,7 +143,7 @@ class Anchorer:
 
 
 def generate_anchor(description: str, out_dir: str | os.PathLike, hypernet: str | os.PathLike | None = None,
-                    model_name: str = "smollm2-135m") -> AnchorResult:
+                    model_name: str = DEFAULT_MODEL) -> AnchorResult:
     """One-shot: load, generate, write. The description is checked before anything is loaded.
 
     Raises:

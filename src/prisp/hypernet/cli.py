@@ -22,6 +22,8 @@ from typing import Optional
 import typer
 
 from prisp.console import THREADS_HELP, friendly, quiet_transformers, set_threads
+from prisp.data.locations import default_sni_file
+from prisp.models import DEFAULT_MODEL
 
 hypernet_app = typer.Typer(help="The Text-to-LoRA hypernetwork: train one on SNI tasks.", no_args_is_help=True,
                            pretty_exceptions_enable=False, add_completion=False)
@@ -42,11 +44,6 @@ class Mode(str, enum.Enum):
     recon = "recon"
 
 
-def default_sni_path() -> Path:
-    """``$PRISP_SNI`` when set, else ``../shared/data/sni/tasks.jsonl`` relative to the working directory."""
-    return Path(os.environ.get("PRISP_SNI") or Path("..") / "shared" / "data" / "sni" / "tasks.jsonl")
-
-
 def _command_line() -> str:
     argv0 = Path(sys.argv[0]).name
     if argv0 == "prisp":
@@ -62,7 +59,7 @@ def train_command(
     out: Path = typer.Option(..., help="Run directory: checkpoint/ (hypernet.safetensors + .json), log.jsonl."),
     data: Optional[Path] = typer.Option(None, help="SNI tasks.jsonl (default: $PRISP_SNI or "
                                                    "../shared/data/sni/tasks.jsonl)."),
-    model: str = typer.Option("smollm2-135m", help="Base model: registered name, local directory or HF id."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model: registered name, local directory or HF id."),
     encoder: Encoder = typer.Option(Encoder.minilm, help="Description encoder."),
     mode: Mode = typer.Option(Mode.sft, help="sft: generated LoRA in the base model's graph; recon: L1 to "
                                              "per-task LoRAs."),
@@ -90,7 +87,7 @@ def train_command(
     set_threads(threads)
     config = HyperTrainConfig(mode=mode.value, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
                               seed=seed, steps_limit=steps_limit, save_every=save_every, eval_instances=eval_instances)
-    sni = load_sni(data or default_sni_path())
+    sni = load_sni(data or default_sni_file())
     typer.echo(f"loading model {model} ...", err=True)
     loaded = load_model(model)
     description_encoder = make_encoder(encoder.value, loaded.model, loaded.tokenizer)
@@ -140,7 +137,7 @@ def anchor_command(
     else:
         from prisp.hypernet.anchor import Anchorer
 
-        anchorer = Anchorer.load(hypernet, model or "smollm2-135m")
+        anchorer = Anchorer.load(hypernet, model or DEFAULT_MODEL)
     load_s = time.perf_counter() - start
     first = anchorer.generate(description)
     result = anchorer.write(description, out)

@@ -16,6 +16,7 @@ import typer
 
 from prisp.console import SCHEDULE_HELP, THREADS_HELP, friendly, resolve_threads
 from prisp.errors import PrispError
+from prisp.models import DEFAULT_MODEL
 
 serve_app = typer.Typer(help="Serve personalized adapters over HTTP from an encrypted per-user store.",
                         invoke_without_command=True, pretty_exceptions_enable=False, add_completion=False)
@@ -31,7 +32,7 @@ def serve(
     store: Path | None = typer.Option(None, help="Store directory (created on first start)."),
     host: str = typer.Option("127.0.0.1", help="Listen address (keep loopback without a TLS proxy)."),
     port: int = typer.Option(8000, help="Listen port."),
-    model: str = typer.Option("smollm2-135m", help="Base model name or directory."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model name or directory."),
     anchor: list[str] = typer.Option([], "--anchor", help="TASK=DIR: a task's anchor LoRA (repeatable)."),
     anchors_dir: Path | None = typer.Option(None, help="One anchor sub-dir per task (LaMP-4 ...)."),
     random_anchors: bool = typer.Option(False, help="Random-init anchors (= base model) elsewhere."),
