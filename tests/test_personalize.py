@@ -28,8 +28,8 @@ from prisp.data.examples import item_example, query_examples, user_examples
 from prisp.data.lamp import Query, load_task_split
 from prisp.errors import AdapterError, DataError, PrispError
 from prisp.personalize import STRATEGIES, PersonalizeConfig, personalization_hyperparams, personalize
+from prisp.personalize.cache import AdapterCache
 from prisp.personalize.hyperparams import TUNED
-from prisp.personalize.per_user import cache_adapter
 from prisp.personalize.personalizer import _prepare
 from prisp.training import TrainConfig, tokenize_examples, train
 from prisp.training.loop import _decoder_and_head
@@ -383,12 +383,15 @@ def test_a_cached_adapter_is_never_replaced_by_a_second_writer(base, tmp_path):
     # Pool workers may race on one key; its inputs are the same, so the first finished copy stays put
     # (a reader never finds the directory moved aside mid-swap) and the second writer is not an error.
     first, second = random_init(base, LoraSpec(), seed=1), random_init(base, LoraSpec(), seed=2)
-    key = tmp_path / "cache" / "key"
-    cache_adapter(first, key, "tiny", {"seconds": 1.0})
+    cache = AdapterCache(tmp_path / "cache")
+    key = cache.path("key")
+    cache.put("key", first, "tiny", {"seconds": 1.0})
     before = (key / "adapter_model.safetensors").stat().st_ino
-    cache_adapter(second, key, "tiny", {"seconds": 2.0})
+    cache.put("key", second, "tiny", {"seconds": 2.0})
     assert (key / "adapter_model.safetensors").stat().st_ino == before
-    assert json.loads((key / "personalization.json").read_text()) == {"seconds": 1.0}
+    assert json.loads((key / "personalization.json").read_text()) == {"seconds": 1.0, "key": "key"}
+    weights, report = cache.get("key")
+    assert report["seconds"] == 1.0 and cache.get("other") is None
     stored = load_adapter(key).to_peft_state_dict()
     assert all(torch.equal(t, stored[k]) for k, t in first.to_peft_state_dict().items())
     assert sorted(p.name for p in key.parent.iterdir()) == ["key"]  # no temporary directory left behind
@@ -451,7 +454,8 @@ def test_the_adapter_key_changes_with_every_input_of_training(anchor, history):
     anchor's scale or the label list changed)."""
     import dataclasses
 
-    from prisp.personalize.per_user import adapter_key
+    from prisp.personalize.cache import anchor_digest
+    from prisp.personalize.cache import personalization_key as adapter_key
 
     items = history[:10]
     config = PersonalizeConfig(progress=False)
@@ -467,3 +471,27 @@ def test_the_adapter_key_changes_with_every_input_of_training(anchor, history):
                 adapter_key("tiny", anchor, PersonalizeConfig(progress=False, schedule="tuned"), "LaMP-4", items),
                 adapter_key("tiny", anchor, PersonalizeConfig(progress=False, strategy="oppu"), "LaMP-4", items)]
     assert len({key, *changed}) == len(changed) + 1
+    assert adapter_key("tiny", anchor_digest(anchor), config, "LaMP-4", items) == key  # a digest names the same
+
+
+def test_one_key_for_the_predictor_the_sharer_pool_and_the_batch(anchor, history, monkeypatch):
+    """The batch runner names its jobs with the same key, so it also sees the resolved schedule: re-tuning a
+    row of the tuned table re-personalizes stored users (the batch key used to hash only the table's name)."""
+    import dataclasses
+
+    from prisp.batch import BatchConfig, job_key
+    from prisp.batch.users import UserJob
+    from prisp.data.protocol import recent_items
+    from prisp.personalize import hyperparams
+    from prisp.personalize.cache import anchor_digest, personalization_key
+
+    config = BatchConfig(task="LaMP-4", model="tiny", personalize=PersonalizeConfig(progress=False,
+                                                                                    schedule="tuned"))
+    job = UserJob("u1", tuple(history))
+    user_config = config.user_config("u1")
+    expected = personalization_key("tiny", anchor, user_config, "LaMP-4", recent_items(history, user_config.k))
+    before = job_key(anchor_digest(anchor), config, (), job)
+    assert before == expected
+    row = hyperparams.TUNED["prisp"]["LaMP-4"]
+    monkeypatch.setitem(hyperparams.TUNED["prisp"], "LaMP-4", dataclasses.replace(row, lr=row.lr * 2))
+    assert job_key(anchor_digest(anchor), config, (), job) != before

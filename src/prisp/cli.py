@@ -217,9 +217,10 @@ def personalize_cmd(
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Stage 2: personalize an anchor for one user; writes a plain peft LoRA + personalization.json."""
-    from prisp.adapters import load_adapter, save_adapter
+    from prisp.adapters import load_adapter
     from prisp.data.tasks import get_task
     from prisp.personalize import PersonalizeConfig, personalize
+    from prisp.personalize.cache import save_personalized
 
     spec = get_task(task)
     config = PersonalizeConfig(strategy=strategy, k=k, schedule=schedule, epochs=epochs, lr=lr,
@@ -233,7 +234,7 @@ def personalize_cmd(
     loaded = load_for_inference(model, None, threads)
     result = personalize(loaded.model, loaded.tokenizer, anchor_weights, spec.name, items, config, labels)
     report = {**result.report(), "anchor": str(anchor), "model": model, "history": str(history), "user": user}
-    save_adapter(result.weights, out, model, {"personalization.json": json.dumps(report, indent=1)})
+    save_personalized(result.weights, out, model, report)
     peak = report["peak_memory_mb"]
     typer.echo(f"{strategy}: {len(result.items)} items -> {result.examples} examples, "
                f"{result.train.trainable_params:,} trainable params, {result.train.seconds:.1f} s, "

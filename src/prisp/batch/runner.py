@@ -8,8 +8,6 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 import uuid
@@ -26,6 +24,7 @@ from prisp.batch.users import UserJob, UserSet
 from prisp.batch.worker import Assignment, UserOutcome, WorkerSpec
 from prisp.data.protocol import recent_items
 from prisp.errors import PrispError
+from prisp.personalize.cache import anchor_digest, personalization_key
 
 BackendFactory = Callable[[WorkerSpec, WorkerPlan], Backend]
 
@@ -76,22 +75,12 @@ class BatchSummary:
         return "\n".join(lines)
 
 
-def anchor_digest(anchor: LoraWeights) -> str:
-    """A hash of the anchor's spec and tensors (computed once per run, part of every job key)."""
-    digest = hashlib.sha256(json.dumps(asdict(anchor.spec), sort_keys=True).encode())
-    for key, tensor in sorted(anchor.to_peft_state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def job_key(anchor_hash: str, config: BatchConfig, labels: tuple[str, ...], job: UserJob) -> str:
-    """Names the inputs of one user's job: any change to them means the stored adapter is stale."""
+    """Names the inputs of one user's job (:func:`prisp.personalize.cache.personalization_key`): any change
+    to them means the stored adapter is stale."""
     user_config = config.user_config(job.user_id)
-    payload = {"anchor": anchor_hash, "model": config.model, "task": config.task, "labels": list(labels),
-               "config": {**asdict(user_config), "progress": None},
-               "items": [item.to_json() for item in recent_items(job.items, user_config.k)]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return personalization_key(config.model, anchor_hash, user_config, config.task, labels=labels,
+                               items=recent_items(job.items, user_config.k))
 
 
 def _default_factory(config: BatchConfig) -> BackendFactory:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from prisp.adapters import CONFIG_NAME, LoraWeights, load_adapter, save_adapter
+from prisp.adapters import CONFIG_NAME, LoraWeights, load_adapter
 from prisp.errors import AdapterError, DataError
 from prisp.files import JsonlLog
+from prisp.personalize.cache import REPORT_NAME, save_personalized
 
-REPORT_NAME = "personalization.json"
 LOG_NAME = "results.jsonl"
 
 
@@ -96,8 +96,7 @@ class DirectoryStore:
     def put(self, user_id: str, weights: LoraWeights, base_model_name: str, report: dict) -> str:
         if user_id == LOG_NAME or "/" in user_id or user_id.startswith("."):
             raise AdapterError(f"user id {user_id!r} cannot name a directory in store {self.root}")
-        out = save_adapter(weights, self.adapter_dir(user_id), base_model_name,
-                           {REPORT_NAME: json.dumps(report, indent=1)})
+        out = save_personalized(weights, self.adapter_dir(user_id), base_model_name, report)
         return str(out)
 
     def log(self, record: dict) -> None:

@@ -1,28 +1,23 @@
 """Per-user prediction: personalize each target user from their own profile, then answer their queries.
 
-Adapters are cached per (base model, anchor, strategy, options, history items), so re-running a
+Adapters are cached under one content key (prisp.personalize.cache), so re-running a
 benchmark or a prediction reuses every user that is already done.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from prisp.adapters import LoraWeights, attach_lora, load_adapter, save_adapter, shared_copy
+from prisp.adapters import LoraWeights, attach_lora, shared_copy
 from prisp.data.lamp import LampSplit, Query
 from prisp.data.protocol import recent_items
 from prisp.data.tasks import label_set
-from prisp.errors import AdapterError
 from prisp.generation import GenerationResult
+from prisp.personalize.cache import AdapterCache, personalization_key
 from prisp.personalize.personalizer import PersonalizeConfig, personalize
 from prisp.predict import PredictConfig, PredictionRun, predict_split
-
-REPORT_NAME = "personalization.json"  # beside a cached adapter: what training it cost
 
 
 @dataclass
@@ -42,25 +37,6 @@ class PersonalizedRun:
 
     run: PredictionRun
     users: list[UserCost] = field(default_factory=list)
-
-
-def adapter_key(model_name: str, anchor: LoraWeights, config: PersonalizeConfig, task: str, items: list,
-                labels: Sequence[str] = ()) -> str:
-    """A content hash naming a user's adapter: any change of inputs gives a new key.
-
-    Every input of training is named: the anchor's tensors and its spec (alpha and rsLoRA set the scale, not the
-    tensors), the resolved schedule, the items and the label list (it enters the prompts).
-    """
-    digest = hashlib.sha256()
-    for tensor_key, tensor in sorted(anchor.to_peft_state_dict().items()):
-        digest.update(tensor_key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    # The resolved schedule too: a re-tuned ``--schedule tuned`` row must not return adapters of the old one.
-    train = {**asdict(config.train_config(task)), "progress": None, **config.factor_lrs(task)}
-    payload = {"model": model_name, "task": task, "config": {**asdict(config), "progress": None}, "train": train,
-               "items": [item.to_json() for item in items], "spec": asdict(anchor.spec), "labels": list(labels)}
-    digest.update(json.dumps(payload, sort_keys=True).encode())
-    return digest.hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -147,34 +123,19 @@ def merge_users(split: LampSplit, predict_config: PredictConfig,
 
 def _user_model(base, tokenizer, model_name, task, user, profile, anchor, config, labels, cache_dir):
     items = recent_items(profile, config.k) if profile else []
-    key = adapter_key(model_name, anchor, config, task, items, labels)
-    cached = cache_dir / key if cache_dir else None
-    if cached and (cached / REPORT_NAME).is_file():
-        report = json.loads((cached / REPORT_NAME).read_text())
-        model = attach_lora(shared_copy(base), load_adapter(cached)).eval()
+    cache = AdapterCache(cache_dir) if cache_dir else None
+    key = personalization_key(model_name, anchor, config, task, items, labels)
+    hit = cache.get(key) if cache else None
+    if hit is not None:
+        weights, report = hit
+        model = attach_lora(shared_copy(base), weights).eval()
         return model, UserCost(user, True, report["seconds"], report["peak_memory_mb"], report["trainable_params"])
     result = personalize(base, tokenizer, anchor, task, profile, config, labels)
     report = {**result.report(), "user": user}
-    if cached:
-        cache_adapter(result.weights, cached, model_name, report)
+    if cache:
+        cache.put(key, result.weights, model_name, report)
     return result.model, UserCost(user, False, result.train.seconds, report["peak_memory_mb"],
                                   result.train.trainable_params)
-
-
-def cache_adapter(weights: LoraWeights, cached: Path, model_name: str, report: dict) -> None:
-    """Write a user's adapter under its key, atomically (``save_adapter`` swaps a finished directory in).
-
-    Two processes may train the same key at once (pool workers racing on a shared cache). The key
-    names every input, so both adapters are the same: whichever lands first is kept, and the
-    other's rename failing onto the finished directory is not an error.
-    """
-    if (cached / REPORT_NAME).is_file():
-        return
-    try:
-        save_adapter(weights, cached, model_name, {REPORT_NAME: json.dumps(report, indent=1)})
-    except (OSError, AdapterError):
-        if not (cached / REPORT_NAME).is_file():
-            raise
 
 
 def _merge(split: LampSplit, runs: dict[str, PredictionRun], wanted: set[str]) -> PredictionRun:

@@ -9,7 +9,6 @@ base). Trained adapters are cached by content, so a resumed benchmark never retr
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prisp.adapters import LoraWeights, load_adapter, save_adapter
+from prisp.adapters import LoraWeights
 from prisp.data.lamp import ProfileItem
 from prisp.data.protocol import recent_items
 from prisp.errors import DataError
 from prisp.personalize import PersonalizeConfig, personalize
+from prisp.personalize.cache import AdapterCache, personalization_key
 from prisp.personalize.hyperparams import SHARER_PEFT_TABLE7, table7_row
-from prisp.personalize.per_user import UserCost, adapter_key
+from prisp.personalize.per_user import UserCost
 from prisp.sharers.merge import split_stack
 from prisp.sharers.similarity import HistoryEmbedder, cluster_representatives, rank_by_similarity
 
@@ -155,19 +155,16 @@ def train_sharer(
     """One sharer's full adapter (anchor + sharer LoRA) and its training cost; cached under ``cache_dir``."""
     p_config = config.personalize_config(task, len(history))
     items = recent_items(history, p_config.k)
-    cached = (
-        cache_dir / f"sharer-{adapter_key(model_name, anchor, p_config, task, items, labels)}" if cache_dir else None
-    )
-    if cached and (cached / "personalization.json").is_file():
-        report = json.loads((cached / "personalization.json").read_text())
-        cost = UserCost(user, True, report["seconds"], report["peak_memory_mb"], report["trainable_params"])
-        return load_adapter(cached), cost
+    cache = AdapterCache(cache_dir, prefix="sharer-") if cache_dir else None
+    key = personalization_key(model_name, anchor, p_config, task, items, labels)
+    hit = cache.get(key) if cache else None
+    if hit is not None:
+        weights, report = hit
+        return weights, UserCost(user, True, report["seconds"], report["peak_memory_mb"], report["trainable_params"])
     result = personalize(base, tokenizer, anchor, task, history, p_config, labels)
     report = {**result.report(), "user": user, "role": "sharer", "anchor_rank": anchor.spec.r}
-    if cached:
-        save_adapter(
-            result.weights, cached, model_name, {"personalization.json": json.dumps(report, indent=1)}
-        )
+    if cache:
+        cache.put(key, result.weights, model_name, report)
     cost = UserCost(
         user, False, result.train.seconds, report["peak_memory_mb"], result.train.trainable_params
     )
@@ -206,7 +203,7 @@ def build_pool(
         if on_sharer:
             on_sharer(sharers[-1])
     # The pool's name covers the anchor, the training schedule and every member's items.
-    key = adapter_key(
+    key = personalization_key(
         model_name, anchor, config.personalize_config(task, 1), task, [i for s in sharers for i in s.items]
     )
     details = {"pool_size": len(sharers), "encoder": embedder.name, "selection_seconds": selection_seconds}
