@@ -1,13 +1,11 @@
-"""bench/privacy.py's measuring pieces on the tiny model: the cached scorer, the exposure estimator, user A."""
+"""prisp.privacy (the measuring pieces of bench/privacy.py) on the tiny model: the cached scorer, the exposure
+estimator, user A."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +17,12 @@ from prisp.data.protocol import recent_items
 from prisp.models import load_model
 from prisp.training import IGNORE_INDEX, Example, tokenize_examples
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "privacy.py"
-
 
 @pytest.fixture(scope="module")
 def privacy():
-    spec = importlib.util.spec_from_file_location("bench_privacy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_privacy"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    import prisp.privacy
+
+    return prisp.privacy
 
 
 @pytest.fixture(scope="module")
