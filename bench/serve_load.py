@@ -28,14 +28,11 @@ import os
 import platform
 import random
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -51,43 +48,12 @@ from prisp.data.protocol import recent_items
 from prisp.generation import format_prompt
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
-from prisp.serve.app import create_app
 from prisp.serve.config import ServeConfig, ServeLimits
+from prisp.serve.embedded import EmbeddedServer, serve_in_thread
 from prisp.serve.keys import generate_key
 from prisp.serve.store import SaveRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class LiveServer:
-    """uvicorn serving the app in a thread; ``service`` is the app's state, for seeding and swap timing."""
-
-    url: str
-    server: object
-    thread: threading.Thread
-    service: object
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=120)
-
-
-def start_server(config: ServeConfig, key, loaded) -> LiveServer:
-    import uvicorn
-
-    app = create_app(config, key, loaded)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # loopback only, a free port
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread, app.state.service)
 
 
 def resolve_data(data: str | None) -> Path:
@@ -314,7 +280,7 @@ def main() -> None:
             personalize=PersonalizeConfig(lr=args.lr, progress=False),
         )
         t0 = time.perf_counter()
-        live = start_server(config, generate_key(), loaded)
+        live = serve_in_thread(config, generate_key(), loaded)
         timings["server_start_s"] = time.perf_counter() - t0
         try:
             results = exercise(live, loaded, args, levels, profiles, inputs, timings)
@@ -331,7 +297,7 @@ def main() -> None:
     write_report(Path(args.out), args, timings, results, ctx)
 
 
-def exercise(live: LiveServer, loaded, args, levels, profiles, inputs, timings) -> dict:
+def exercise(live: EmbeddedServer, loaded, args, levels, profiles, inputs, timings) -> dict:
     service, task = live.service, args.task
     rng = random.Random(args.seed)
     with httpx.Client(base_url=live.url, timeout=args.request_timeout) as client:

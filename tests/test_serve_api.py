@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import socket
 import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -23,8 +20,8 @@ from prisp.generation import GenerationConfig, generate
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
 from prisp.scoring import score_labels
-from prisp.serve.app import create_app
 from prisp.serve.config import ServeConfig, ServeLimits
+from prisp.serve.embedded import EmbeddedServer, serve_in_thread
 from prisp.serve.keys import generate_key
 from prisp.serve.service import PrispService
 from prisp.serve.store import DB_NAME, SaveRequest
@@ -48,38 +45,8 @@ def noisy_anchor(model, seed: int) -> LoraWeights:
     return weights
 
 
-@dataclass
-class LiveServer:
-    """A uvicorn server in a thread of this process, plus what the tests inspect directly."""
-
-    url: str
-    server: object
-    thread: threading.Thread
-    service: PrispService
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
-def start_server(config: ServeConfig, key) -> LiveServer:
-    import uvicorn
-
-    app = create_app(config, key)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{port}", server, thread, app.state.service)
+def start_server(config: ServeConfig, key) -> EmbeddedServer:  # the tiny model loads fast
+    return serve_in_thread(config, key, start_timeout=30)
 
 
 @pytest.fixture(scope="module")
