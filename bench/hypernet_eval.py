@@ -34,7 +34,7 @@ from prisp.data.locations import default_data_dir, default_sni_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMP_TASKS = ("LaMP-1", "LaMP-2N", "LaMP-4", "LaMP-5")
-# Fig. 8's three kinds of description for LaMP-2N (the reference one is Table 11's, see TASK_DESCRIPTIONS).
+# Fig. 8's three kinds of description for LaMP-2N (the reference one is Table 11's, see TaskSpec.description).
 ROBUSTNESS = {
     "paraphrase": "Read a news headline together with its short description and assign the article to the "
     "single category it belongs to.",
@@ -157,13 +157,13 @@ class LampEval:
 def lamp_part(loaded, anchorer, args, out: dict, save) -> dict:
     """Adds each task of ``args.tasks`` not yet in ``out`` (a resumed run keeps finished tasks), saving after each."""
     from prisp.adapters import LoraSpec, random_init
-    from prisp.bench.anchors import TASK_DESCRIPTIONS
+    from prisp.data.tasks import get_task
 
     for task in args.tasks:
         if task in out:
             continue
         ev = LampEval(loaded, args.model, Path(args.data), task, args.users, Path(args.bench_out))
-        hyper = anchorer.generate(TASK_DESCRIPTIONS[task]).weights
+        hyper = anchorer.generate(get_task(task).description).weights
         adapted = ev.ctx.task_anchor(with_sharer_data=False)
         rand = random_init(loaded.model, LoraSpec(), seed=args.seed)
         rows = {}
@@ -183,12 +183,12 @@ def lamp_part(loaded, anchorer, args, out: dict, save) -> dict:
 
 
 def robustness_part(loaded, anchorer, args, lamp: dict) -> dict:
-    from prisp.bench.anchors import TASK_DESCRIPTIONS
+    from prisp.data.tasks import get_task
 
     task = "LaMP-2N"
     ev = LampEval(loaded, args.model, Path(args.data), task, args.users, Path(args.bench_out))
     rows = {}
-    for kind, text in (("reference", TASK_DESCRIPTIONS[task]), *ROBUSTNESS.items()):
+    for kind, text in (("reference", get_task(task).description), *ROBUSTNESS.items()):
         if kind == "reference" and task in lamp:
             stage1 = lamp[task]["rows"]["Stage 1: hypernet anchor alone"]
             stage2 = lamp[task]["rows"]["Stage 2 from hypernet anchor"]

@@ -52,14 +52,13 @@ class Personalizer:
 
     def _task(self, task: str):
         if task not in self.tasks:
-            from prisp.bench.anchors import TASK_DESCRIPTIONS
             from prisp.data.lamp import load_task_split
-            from prisp.data.tasks import label_set
+            from prisp.data.tasks import get_task, label_set
             from prisp.hypernet.anchor import Anchorer
 
             split = load_task_split(self.data, task, "dev")
             anchorer = Anchorer.load(None, "smollm2-135m", self.loaded.model, self.loaded.tokenizer)
-            anchor = anchorer.generate(TASK_DESCRIPTIONS[split.task]).weights
+            anchor = anchorer.generate(get_task(split.task).description).weights
             self.tasks[task] = (split, anchor, label_set(split.task, split.inputs))
         return self.tasks[task]
 

@@ -31,10 +31,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from prisp.bench.anchors import TASK_DESCRIPTIONS
     from prisp.console import quiet_transformers
     from prisp.data.lamp import load_task_split
-    from prisp.data.tasks import label_set
+    from prisp.data.tasks import get_task, label_set
     from prisp.hypernet.anchor import Anchorer
     from prisp.models import load_model
     from prisp.personalize import PersonalizeConfig
@@ -45,7 +44,7 @@ def main() -> None:
     split = load_task_split(args.data, args.task, "dev")
     _, queries = next(iter(split.users.items()))
     anchorer = Anchorer.load(None, "smollm2-135m", loaded.model, loaded.tokenizer)
-    anchor = anchorer.generate(TASK_DESCRIPTIONS[split.task]).weights
+    anchor = anchorer.generate(get_task(split.task).description).weights
     labels = label_set(split.task, split.inputs)
     for _ in range(args.reps):
         for strategy in ("prisp", "oppu"):

@@ -78,14 +78,13 @@ class Search:
 
     def task(self, task: str, users: int, seed: int):
         if task not in self.tasks:
-            from prisp.bench.anchors import TASK_DESCRIPTIONS
             from prisp.data.lamp import load_task_split
-            from prisp.data.tasks import label_set
+            from prisp.data.tasks import get_task, label_set
             from prisp.hypernet.anchor import Anchorer
 
             split = load_task_split(self.data, task, "train")
             anchorer = Anchorer.load(None, "smollm2-135m", self.loaded.model, self.loaded.tokenizer)
-            anchor = anchorer.generate(TASK_DESCRIPTIONS[split.task]).weights
+            anchor = anchorer.generate(get_task(split.task).description).weights
             eligible = sorted(u for u, qs in split.users.items() if len(qs[0].profile) >= 10 + MIN_HELD_OUT)
             random.Random(seed).shuffle(eligible)
             self.tasks[task] = (split, anchor, label_set(split.task, split.inputs), eligible)

@@ -53,14 +53,13 @@ def run_demo(model_name: str, data: Path, split: str, tasks: Sequence[str],
 
 def _prisp_row(console: Console, loaded, model_name: str, data: Path, split: str, task: str) -> dict:
     """Stage 1 + Stage 2 on one task: hypernetwork anchor from text, then PRISP per user."""
-    from prisp.bench.anchors import TASK_DESCRIPTIONS
     from prisp.hypernet.anchor import Anchorer
     from prisp.personalize import PersonalizeConfig
     from prisp.personalize.per_user import predict_personalized
 
     split_data = load_task_split(data, task, split)
     anchor = Anchorer.load(model_name=model_name, base=loaded.model, tokenizer=loaded.tokenizer)
-    generated = anchor.generate(TASK_DESCRIPTIONS[get_task(task).name])
+    generated = anchor.generate(get_task(task).description)
     console.print(f"PRISP on {task}: anchor generated from its description in {generated.total_ms:.0f} ms; "
                   f"personalizing {len(split_data.users)} users (A frozen, B and C trained, one epoch) ...")
     result = predict_personalized(loaded.model, loaded.tokenizer, model_name, split_data, generated.weights,

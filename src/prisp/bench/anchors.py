@@ -18,26 +18,16 @@ from pathlib import Path
 
 from prisp.adapters import LoraWeights, load_adapter, save_adapter
 from prisp.data.lamp import Query
+from prisp.data.tasks import TASKS, get_task
 from prisp.personalize import task_adapt
 from prisp.personalize.hyperparams import TASK_ADAPTATION
 from prisp.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-# Table 11 (descriptions given to the hypernetwork); LaMP-2N is ours (LaMP v1's news categorization).
-TASK_DESCRIPTIONS: dict[str, str] = {
-    "LaMP-1": "Identify the most relevant reference for a given paper title. Select between two candidate "
-    "references [1] and [2].",
-    "LaMP-2": "Classify movies into one of these 15 tags based on their descriptions: sci-fi, based on a "
-    "book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, fantasy, romance, "
-    "thought-provoking, social commentary, violence, or true story.",
-    "LaMP-2N": "Classify a news article into one of the given categories based on its headline and "
-    "description.",
-    "LaMP-3": "What is the score of the following review on a scale of 1 to 5?",
-    "LaMP-4": "Generate a headline for an article.",
-    "LaMP-5": "Generate an appropriate title for an academic paper based on the provided abstract.",
-    "LaMP-7": "Paraphrase the following text into a tweet.",
-}
+# Table 11 (descriptions given to the hypernetwork), kept here for callers of the benchmark API; the
+# descriptions themselves live on the task specs (``TaskSpec.description``).
+TASK_DESCRIPTIONS: dict[str, str] = {name: spec.description for name, spec in TASKS.items()}
 
 
 @dataclass
@@ -120,7 +110,7 @@ def hypernet_anchor(request: AnchorRequest) -> Anchor:
         )
     start = time.perf_counter()
     anchorer = Anchorer.load(request.hypernet, request.model_name, request.base, request.tokenizer)
-    weights = anchorer.generate(TASK_DESCRIPTIONS[request.task]).weights
+    weights = anchorer.generate(get_task(request.task).description).weights
     where = request.hypernet or "shipped"
     return Anchor(weights, f"hypernet ({where})", False, time.perf_counter() - start)
 

@@ -37,6 +37,8 @@ class TaskSpec:
         labels: the fixed label set (classification/regression); empty when read from the data.
         max_new_tokens: decoding budget; short for labels, longer for text.
         official_dir: the directory name on the LaMP download server.
+        description: the natural-language task description the hypernetwork turns into an anchor (Table 11;
+            LaMP-2N's is ours, LaMP v1's news categorization).
     """
 
     name: str
@@ -46,6 +48,7 @@ class TaskSpec:
     labels: tuple[str, ...]
     max_new_tokens: int
     official_dir: str
+    description: str
 
     @property
     def is_classification(self) -> bool:
@@ -56,15 +59,26 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("LaMP-1", "classification", ("title", "abstract"), ("title", "abstract"), LAMP1_LABELS, 8,
-                 "LaMP_1"),
+                 "LaMP_1",
+                 "Identify the most relevant reference for a given paper title. Select between two candidate "
+                 "references [1] and [2]."),
         TaskSpec("LaMP-2", "classification", ("description", "tag"), ("description",), LAMP2_TAGS, 10,
-                 "LaMP_2/new"),
+                 "LaMP_2/new",
+                 "Classify movies into one of these 15 tags based on their descriptions: sci-fi, based on a "
+                 "book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, fantasy, romance, "
+                 "thought-provoking, social commentary, violence, or true story."),
         TaskSpec("LaMP-2N", "classification", ("text", "title", "category"), ("title", "text"), (), 10,
-                 "LaMP_2"),
-        TaskSpec("LaMP-3", "regression", ("text", "score"), ("text",), LAMP3_LABELS, 4, "LaMP_3"),
-        TaskSpec("LaMP-4", "generation", ("text", "title"), ("text",), (), 32, "LaMP_4"),
-        TaskSpec("LaMP-5", "generation", ("title", "abstract"), ("abstract",), (), 32, "LaMP_5"),
-        TaskSpec("LaMP-7", "generation", ("text",), ("text",), (), 64, "LaMP_7"),
+                 "LaMP_2",
+                 "Classify a news article into one of the given categories based on its headline and "
+                 "description."),
+        TaskSpec("LaMP-3", "regression", ("text", "score"), ("text",), LAMP3_LABELS, 4, "LaMP_3",
+                 "What is the score of the following review on a scale of 1 to 5?"),
+        TaskSpec("LaMP-4", "generation", ("text", "title"), ("text",), (), 32, "LaMP_4",
+                 "Generate a headline for an article."),
+        TaskSpec("LaMP-5", "generation", ("title", "abstract"), ("abstract",), (), 32, "LaMP_5",
+                 "Generate an appropriate title for an academic paper based on the provided abstract."),
+        TaskSpec("LaMP-7", "generation", ("text",), ("text",), (), 64, "LaMP_7",
+                 "Paraphrase the following text into a tweet."),
     )
 }
 
