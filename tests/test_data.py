@@ -179,7 +179,7 @@ def test_official_inputs_parse_into_table16_prompts(task):
 
 def test_prompt_parts_are_the_right_ones():
     p1 = parse_input("LaMP-1", OFFICIAL_INPUTS["LaMP-1"])
-    assert (p1.title, p1.options) == ("Deep Parsing", ("Shallow Parsing", "Fish Farming"))
+    assert p1.fields == {"title": "Deep Parsing", "reference_1": "Shallow Parsing", "reference_2": "Fish Farming"}
     assert query_prompt("LaMP-1", OFFICIAL_INPUTS["LaMP-1"]).endswith(
         "Paper Title: Deep Parsing Reference: [1] - Shallow Parsing [2] - Fish Farming Answer:")
     assert query_prompt("LaMP-4", LAMP4_INPUT) == ("User Instruction: Generate a headline for the following "

@@ -126,9 +126,10 @@ def personalize_user(base: LoadedModel, anchor: LoraWeights | str | os.PathLike,
     from prisp.personalize import personalize as run_personalize
 
     spec = load_task(task)
+    config = PersonalizeConfig(strategy=strategy, schedule=schedule, **{"progress": False, **options})
+    config.train_config(spec.name)  # an uncovered schedule is refused before any work
     items = _history(history, spec.name)
     weights = anchor if isinstance(anchor, LoraWeights) else load_adapter(anchor)
-    config = PersonalizeConfig(strategy=strategy, schedule=schedule, **{"progress": False, **options})
     chosen = tuple(labels) if labels is not None else label_set(spec.name)
     result = run_personalize(base.model, base.tokenizer, weights, spec.name, items, config, chosen)
     report = {**result.report(), "task": spec.name, "model": base.name}

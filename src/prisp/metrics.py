@@ -204,7 +204,7 @@ def evaluate_files(
         if pred_id not in golds:
             raise DataError(f"prediction id {pred_id!r} in {str(preds_path)!r} is not in {str(golds_path)!r}")
     labels = None
-    if spec.name == "LaMP-2N":
+    if spec.labels_from_input:
         inputs = _read_question_inputs(Path(questions_path)) if questions_path is not None else None
         labels = label_set(spec.name, inputs)
     ids = list(golds)

@@ -23,7 +23,7 @@ from prisp.data.lamp import LampSplit, ProfileItem
 from prisp.data.prompts import clip, render_item
 from prisp.data.protocol import DEFAULT_K, recent_items
 from prisp.data.tasks import get_task
-from prisp.errors import DataError
+from prisp.errors import DataError, PrispError
 from prisp.generation import GenerationConfig, generate
 
 _HISTORY = "{USER_HISTORY}"
@@ -120,6 +120,8 @@ class UserProfile:
 def profile_prompt(task: str, items: Sequence[ProfileItem], item_chars: int = 300) -> str:
     """The Table 15 prompt for ``task`` with ``items`` rendered as the user history (one item per line)."""
     name = get_task(task).name
+    if name not in PROFILE_PROMPTS:
+        raise PrispError(f"PAG profiles (Table 15) exist for the LaMP tasks only, not for {name}; use np or rag")
     clipped = [
         ProfileItem(i.id, {k: clip(v, item_chars) for k, v in i.fields.items()}, i.date) for i in items
     ]

@@ -23,6 +23,7 @@ from prisp.batch.sink import AdapterSink
 from prisp.batch.users import UserJob, UserSet
 from prisp.batch.worker import Assignment, UserOutcome, WorkerSpec
 from prisp.data.protocol import recent_items
+from prisp.data.tasks import get_task
 from prisp.errors import PrispError
 from prisp.personalize.cache import anchor_digest, personalization_key
 
@@ -97,7 +98,9 @@ def _worker_spec(config: BatchConfig, anchor: LoraWeights, labels: tuple[str, ..
 
     # Resolving here converts a registered model once, before workers could race to convert it.
     source, _ = resolve_model(config.model)
-    return WorkerSpec(config.model, source, anchor, config.task, labels, threads)
+    spec = get_task(config.task)
+    return WorkerSpec(config.model, source, anchor, config.task, labels, threads,
+                      custom_task=None if spec.builtin else spec)
 
 
 class _Run:

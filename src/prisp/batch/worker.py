@@ -24,6 +24,7 @@ import torch
 
 from prisp.adapters import LoraWeights
 from prisp.data.lamp import ProfileItem
+from prisp.data.tasks import TaskSpec, register_task
 from prisp.errors import PrispError
 from prisp.personalize import PersonalizeConfig, personalize
 
@@ -43,6 +44,8 @@ class WorkerSpec:
         anchors: further anchors by name, for jobs that start from different anchors on the same
             workers (the bench's PRISP and task-adapted anchors), so workers outlive a change of anchor.
         device: where the model runs (None: CPU).
+        custom_task: a custom task's spec, registered in the worker under ``task`` (a spec file on the driver's
+            disk need not exist where the worker runs); None for the built-in tasks.
     """
 
     model_name: str
@@ -53,6 +56,7 @@ class WorkerSpec:
     threads: int
     anchors: Mapping[str, LoraWeights] = field(default_factory=dict)
     device: str | None = None
+    custom_task: TaskSpec | None = None
 
     def anchor_named(self, name: str | None = None) -> LoraWeights:
         """``anchors[name]``, or ``anchor`` when ``name`` is None.
@@ -137,6 +141,8 @@ class WorkerContext:
         from prisp.models import load_model
 
         set_threads(spec.threads)
+        if spec.custom_task is not None:
+            register_task(spec.custom_task)
         source = spec.model_source if spec.model_source and Path(spec.model_source).is_dir() else spec.model_name
         loaded = load_model(source, device=spec.device)
         for anchor in (spec.anchor, *spec.anchors.values()):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from prisp.data.lamp import ProfileItem, Query
-from prisp.data.prompts import ParsedInput, clip, fill_prompt, query_prompt, with_context
+from prisp.data.prompts import clip, clipped_fields, fill_prompt, query_prompt, with_context
 from prisp.data.protocol import DEFAULT_K, recent_items
 from prisp.data.tasks import get_task
 from prisp.errors import DataError
@@ -32,26 +32,21 @@ ANSWER_CHARS = 600
 
 
 def item_example(task: str, item: ProfileItem, labels: Sequence[str] = ()) -> Example:
-    """One history item as a prompt/answer pair in the task's Table 16 wording.
+    """One history item as a prompt/answer pair in the task's own prompt (Table 16 for LaMP).
 
-    LaMP-1 items carry no citation choice, so they train "title -> abstract" (the user's topics);
-    LaMP-7 items carry only the user's tweet, so they train paraphrasing it into itself (the user's style).
+    The item's fields fill the prompt through the spec's ``history_inputs`` (or its ``history_prompt`` where
+    history items teach something else: LaMP-1 items carry no citation choice, so they train "title ->
+    abstract"), and the spec's ``answer`` field is the answer. LaMP-7 items carry only the user's tweet, so
+    they train paraphrasing it into itself (the user's style).
     """
-    name = get_task(task).name
-    f = {key: clip(value) for key, value in item.fields.items()}
-    if name == "LaMP-1":
-        prompt = ("User Instruction: Write the abstract of the following paper by the researcher. "
-                  f"Paper Title: {f['title']} Abstract:")
-        return Example(prompt, clip(item.fields["abstract"], ANSWER_CHARS))
-    body, answer = {
-        "LaMP-2": lambda: (f["description"], f["tag"]),
-        "LaMP-2N": lambda: (f"{f['title']}. {f['text']}", f["category"]),
-        "LaMP-3": lambda: (f["text"], f["score"]),
-        "LaMP-4": lambda: (f["text"], item.fields["title"]),
-        "LaMP-5": lambda: (f["abstract"], item.fields["title"]),
-        "LaMP-7": lambda: (f["text"], item.fields["text"]),
-    }[name]()
-    return Example(fill_prompt(name, ParsedInput(body=body), labels), answer)
+    spec = get_task(task)
+    fields = clipped_fields(item)
+    if spec.history_prompt:
+        prompt = spec.history_prompt.format_map(fields)
+    else:
+        inputs = {name: template.format_map(fields) for name, template in spec.history_inputs}
+        prompt = fill_prompt(spec, inputs, labels)
+    return Example(prompt, clip(item.fields[spec.answer], ANSWER_CHARS))
 
 
 @dataclass

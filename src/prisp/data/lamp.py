@@ -84,11 +84,22 @@ def group_by_user(queries: list[Query]) -> dict[str, list[Query]]:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON document, or a JSONL file (``.jsonl``: one JSON value per non-blank line) as a list."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
         with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
+            if path.suffix.lower() != ".jsonl":
+                return json.load(handle)
+            records = []
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+            return records
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except UnicodeDecodeError as exc:
@@ -146,13 +157,28 @@ def parse_questions(raw: Any, task: str, path: Path | str) -> list[tuple[str, st
         if qid in seen:
             raise DataError(f"{where}: duplicate id")
         seen.add(qid)
-        records.append((qid, _text_field(rec["input"], where, "input"), parse_profile(rec["profile"], task, where)))
+        records.append((qid, _input_field(rec["input"], task, where), parse_profile(rec["profile"], task, where)))
     return records
+
+
+def _input_field(value: Any, task: str, where: str) -> str:
+    """A query's input as the string it travels as: LaMP inputs are text; a custom task's may be an object of
+    its input fields (kept as canonical JSON, read back by ``prisp.data.prompts.parse_input``)."""
+    spec = get_task(task)
+    if spec.input_format == "fields" and isinstance(value, dict):
+        missing = [name for name in spec.input_fields if name not in value]
+        if missing:
+            raise DataError(f"{where}: input lacks field(s) {missing} required by {spec.name}")
+        for name in spec.input_fields:
+            _text_field(value[name], where, f"input.{name}")
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return _text_field(value, where, "input")
 
 
 def _same_task(file_task: str, requested: str) -> bool:
     # Official LaMP v1 files name news categorization (our LaMP-2N) "LaMP_2", after its directory.
-    official = normalize_task_name(get_task(requested).official_dir.split("/")[0])
+    spec = get_task(requested)
+    official = normalize_task_name(spec.official_dir.split("/")[0]) if spec.official_dir else spec.name
     return file_task in (requested, official)
 
 
@@ -220,8 +246,8 @@ def split_paths(data_dir: Path | str, task: str, split: str) -> tuple[Path, Path
     spec = get_task(task)
     root = Path(data_dir)
     underscored = spec.name.replace("-", "_")
-    candidates = [root / spec.name, root / underscored, root / spec.official_dir / split,
-                  root / underscored / split, root]
+    candidates = [root / spec.name, root / underscored, *([root / spec.official_dir / split] if spec.official_dir
+                                                          else []), root / underscored / split, root]
     for folder in candidates:
         questions = folder / f"{split}_questions.json"
         if questions.is_file():
@@ -241,6 +267,6 @@ def load_task_split(data_dir: Path | str, task: str, split: str, require_golds: 
 
 
 def load_history(path: Path | str, task: str) -> tuple[ProfileItem, ...]:
-    """Load a JSON list of LaMP profile items (one user's history)."""
+    """Load one user's history: a JSON list of items with the task's fields, or a JSONL file of them."""
     path = Path(path)
     return parse_profile(read_json(path), normalize_task_name(task), str(path))

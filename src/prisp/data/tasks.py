@@ -1,128 +1,410 @@
-"""The LaMP tasks: names, profile fields, label sets, decoding lengths.
+"""Tasks as specs: every task-specific fact (fields, prompt, answer, labels, description, decoding budget) lives in
+one :class:`TaskSpec`, read from a small TOML (or JSON) file, so code elsewhere asks the spec instead of
+branching on task names.
 
-One :class:`TaskSpec` per task keeps every task-specific fact in one table, so code
-elsewhere asks the spec instead of branching on task names.
+The seven LaMP tasks are built-in spec files (``prisp/data/builtin/*.toml``); a user's own task is a file in
+the same format, given wherever a task name is accepted (``--task my_task.toml``, ``prisp.load_task(path)``).
+``docs/tasks.md`` documents the format; ``examples/support_reply/`` is a complete custom task.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass
+import string
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from prisp.errors import DataError
 
-LAMP1_LABELS: tuple[str, ...] = ("[1]", "[2]")
-LAMP2_TAGS: tuple[str, ...] = (
-    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
-    "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
-)
-# LaMP v1 news categorization (HuffPost); the fallback when a questions file does not list its categories.
-LAMP2N_OFFICIAL_CATEGORIES: tuple[str, ...] = (
-    "women", "religion", "politics", "style & beauty", "entertainment", "culture & arts", "sports",
-    "science & technology", "travel", "business", "crime", "education", "healthy living", "parents",
-    "food & drink",
-)
-LAMP3_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+KINDS = {"classification": "classification", "rating": "regression", "regression": "regression",
+         "generation": "generation"}
+METRICS = {"classification": "accuracy-f1", "regression": "mae-rmse", "generation": "rouge"}
+INPUT_FORMATS = ("lamp", "fields")
+# A custom task's Stage-2 schedule when its file gives none: the tuned schedule's common row (batch 4, 1 epoch,
+# lr 3e-3; bench/results/schedule_search.md), which learns on small models where Table 7's rates do not.
+DEFAULT_SCHEDULE = {"batch_size": 4, "epochs": 1, "lr": 3e-3}
+_NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LAMP_NAME = re.compile(r"^lamp[-_ ]?(\d)(n?)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Static facts about one LaMP task.
+    """Everything prisp knows about one task.
 
     Attributes:
-        name: canonical name, e.g. ``"LaMP-4"``.
-        kind: ``"classification"``, ``"regression"`` or ``"generation"``.
-        profile_fields: fields every profile item must carry (besides ``id``; ``date`` is optional).
-        query_fields: profile fields whose text BM25 indexes for retrieval.
-        labels: the fixed label set (classification/regression); empty when read from the data.
-        max_new_tokens: decoding budget; short for labels, longer for text.
-        official_dir: the directory name on the LaMP download server.
-        description: the natural-language task description the hypernetwork turns into an anchor (Table 11;
+        name: canonical name, e.g. ``"LaMP-4"`` or a custom task's ``name``.
+        kind: ``"classification"``, ``"regression"`` (ratings) or ``"generation"``.
+        description: the natural-language description the hypernetwork turns into an anchor (LaMP: Table 11;
             LaMP-2N's is ours, LaMP v1's news categorization).
+        prompt: the query prompt: a template over the input fields (``{field}``) and ``{labels}``.
+        profile_fields: fields every history item must carry (besides ``id``; ``date`` is optional).
+        query_fields: history fields whose text BM25 indexes for retrieval.
+        answer: the history field a training example answers with.
+        history_inputs: how a history item fills ``prompt``: input field -> template over the item's fields.
+        history_prompt: a different prompt for history items (a template over their fields), or "" for ``prompt``.
+        context: a retrieved history item as the RAG block shows it (template over the item's fields).
+        labels: the label set (classification, ratings); for ``labels_from_input`` the fallback.
+        labels_from_input: inputs name their own label list (LaMP-2N's categories).
+        max_new_tokens: decoding budget; short for labels, longer for text.
+        input_format: ``"lamp"`` (official LaMP input strings, parsed by ``input_pattern`` / ``input_marker``)
+            or ``"fields"`` (a JSON object of the input fields, or plain text when the prompt has one field).
+        input_pattern, input_marker, input_labels: the ``lamp`` format's regexes (named groups = input fields;
+            the text after the marker = the one input field; one group = the comma-separated label list).
+        official_dir: the directory on the LaMP download server ("" for custom tasks).
+        schedule: a custom task's Stage-2 schedule (``batch_size``, ``epochs``, ``lr``); LaMP tasks use Table 7.
+        source: the spec file it was read from.
     """
 
     name: str
     kind: str
+    description: str
+    prompt: str
     profile_fields: tuple[str, ...]
     query_fields: tuple[str, ...]
+    answer: str
+    history_inputs: tuple[tuple[str, str], ...]
+    history_prompt: str
+    context: str
     labels: tuple[str, ...]
+    labels_from_input: bool
     max_new_tokens: int
-    official_dir: str
-    description: str
+    input_format: str
+    input_pattern: str = ""
+    input_marker: str = ""
+    input_labels: str = ""
+    official_dir: str = ""
+    schedule: tuple[tuple[str, float], ...] = ()
+    source: str = ""
+    builtin: bool = field(default=False, compare=False)
 
     @property
     def is_classification(self) -> bool:
         return self.kind == "classification"
 
+    @property
+    def metric(self) -> str:
+        return METRICS[self.kind]
 
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """The fields of a query input: the prompt's placeholders other than ``labels``, in prompt order."""
+        return tuple(name for name in template_fields(self.prompt) if name != "labels")
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The ``{field}`` names of a template, in order, each once."""
+    names: list[str] = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+# ---- reading spec files ---------------------------------------------------------------------------------------
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Read and validate a task spec file (``.toml`` or ``.json``).
+
+    Raises:
+        DataError: one line naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"task file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read task file {path}: {exc}") from None
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"task file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
+    return parse_task(raw, str(path), builtin=path.parent == BUILTIN_DIR)
+
+
+def parse_task(raw: Any, where: str, builtin: bool = False) -> TaskSpec:
+    """A :class:`TaskSpec` from the decoded contents of a spec file; every error names ``where``."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a task spec must be a table/object")
+    reader = _Reader(raw, where)
+    name = reader.text("name")
+    if not _NAME_OK.fullmatch(name):
+        raise DataError(f"{where}: name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if not builtin and _LAMP_NAME.match(name):
+        raise DataError(f"{where}: name {name!r} is a built-in LaMP task's; pick another")
+    kind_word = reader.text("kind")
+    if kind_word not in KINDS:
+        raise DataError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind_word!r}")
+    kind = KINDS[kind_word]
+    labels = _labels(reader, kind, where)
+    input_format = reader.text("input_format", "fields")
+    if input_format not in INPUT_FORMATS:
+        raise DataError(f"{where}: input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+    if input_format == "lamp" and not builtin:
+        raise DataError(f"{where}: input_format 'lamp' is for the built-in LaMP tasks; custom tasks use 'fields'")
+    metric = reader.text("metric", METRICS[kind])
+    if metric != METRICS[kind]:
+        raise DataError(f"{where}: a {kind_word} task is scored with metric {METRICS[kind]!r}, got {metric!r}")
+    prompt = reader.text("prompt")
+    inputs = tuple(n for n in _checked_template(prompt, where, "prompt") if n != "labels")
+    if not inputs:
+        raise DataError(f"{where}: prompt has no {{field}} for the input")
+    history = _Reader(reader.table("history"), f"{where} [history]")
+    fields = history.names("fields")
+    answer = history.text("answer")
+    if answer not in fields:
+        raise DataError(f"{where} [history]: answer {answer!r} is not one of fields {list(fields)}")
+    history_prompt = history.text("prompt", "")
+    mapping = history.table("inputs", {})
+    if history_prompt:
+        _check_uses(history_prompt, fields, f"{where} [history] prompt")
+    else:
+        missing = [n for n in inputs if n not in mapping and n not in fields]
+        if missing:
+            raise DataError(f"{where} [history]: the prompt's field(s) {missing} are not history fields; map them "
+                            "with [history] inputs = {field = \"{history_field} ...\"}")
+        for target, template in mapping.items():
+            if target not in inputs or not isinstance(template, str):
+                raise DataError(f"{where} [history] inputs: {target!r} must be a prompt field mapped to a template")
+            _check_uses(template, fields, f"{where} [history] inputs.{target}")
+    history_inputs = tuple((n, mapping.get(n, f"{{{n}}}")) for n in inputs)
+    retrieval = history.names("retrieval_fields", tuple(f for f in fields if f != answer) or fields)
+    for name_ in retrieval:
+        if name_ not in fields:
+            raise DataError(f"{where} [history]: retrieval field {name_!r} is not one of fields {list(fields)}")
+    context = history.text("context", " ".join(f"{f.replace('_', ' ').capitalize()}: {{{f}}}" for f in fields))
+    _check_uses(context, fields, f"{where} [history] context")
+    lamp = _Reader(reader.table("input", {}), f"{where} [input]")
+    pattern, marker, label_re = lamp.text("pattern", ""), lamp.text("marker", ""), lamp.text("labels", "")
+    for regex in (pattern, marker, label_re):
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise DataError(f"{where} [input]: bad regular expression {regex!r}: {exc}") from None
+    max_new_tokens = reader.integer("max_new_tokens", 8 if kind != "generation" else 64, low=1, high=4096)
+    schedule = _schedule(reader, where) if not builtin else ()
+    description, official_dir = reader.text("description"), reader.text("official_dir", "")
+    labels_from_input = reader.boolean("labels_from_input", False)
+    reader.done(("input", "history", "schedule"))
+    history.done(("inputs",))
+    lamp.done(())
+    return TaskSpec(
+        name=name, kind=kind, description=description, prompt=prompt, profile_fields=fields,
+        query_fields=retrieval, answer=answer, history_inputs=history_inputs, history_prompt=history_prompt,
+        context=context, labels=labels, labels_from_input=labels_from_input,
+        max_new_tokens=max_new_tokens, input_format=input_format, input_pattern=pattern, input_marker=marker,
+        input_labels=label_re, official_dir=official_dir, schedule=schedule, source=where,
+        builtin=builtin,
+    )
+
+
+class _Reader:
+    """Typed access to one table of a spec file; remembers which keys were read to refuse unknown ones."""
+
+    def __init__(self, raw: Any, where: str):
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: must be a table/object")
+        self.raw, self.where, self.seen = raw, where, set()
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        if key not in self.raw:
+            if default is _REQUIRED:
+                raise DataError(f"{self.where}: missing {key!r}")
+            return default
+        return self.raw[key]
+
+    def text(self, key: str, default: Any = None) -> str:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, str) or (default is None and not value.strip()):
+            raise DataError(f"{self.where}: {key!r} must be a non-empty string")
+        return value
+
+    def names(self, key: str, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        value = self._get(key, _REQUIRED if default is None else list(default))
+        if (not isinstance(value, list) or not value or not all(isinstance(v, str) and _FIELD_OK.fullmatch(v)
+                                                                for v in value) or len(set(value)) != len(value)):
+            raise DataError(f"{self.where}: {key!r} must be a list of distinct field names (letters, digits, _)")
+        return tuple(value)
+
+    def table(self, key: str, default: Any = None) -> dict:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, dict):
+            raise DataError(f"{self.where}: {key!r} must be a table/object")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise DataError(f"{self.where}: {key!r} must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise DataError(f"{self.where}: {key!r} must be true or false")
+        return value
+
+    def done(self, tables: tuple[str, ...]) -> None:
+        unknown = sorted(set(self.raw) - self.seen - set(tables))
+        if unknown:
+            raise DataError(f"{self.where}: unknown key(s) {', '.join(map(repr, unknown))}")
+
+
+_REQUIRED = object()
+_FIELD_OK = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _checked_template(template: str, where: str, what: str) -> tuple[str, ...]:
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise DataError(f"{where}: {what} is not a valid template ({exc}); write literal braces as {{{{ }}}}") from None
+    names = template_fields(template)
+    bad = [n for _, n, spec, conversion in parts if n is not None and (spec or conversion or not _FIELD_OK.fullmatch(n))]
+    if bad:
+        raise DataError(f"{where}: {what} uses {bad[0]!r}; placeholders are plain field names like {{text}}")
+    return names
+
+
+def _check_uses(template: str, fields: tuple[str, ...], where: str) -> None:
+    unknown = [n for n in _checked_template(template, where, "template") if n not in fields]
+    if unknown:
+        raise DataError(f"{where}: {{{unknown[0]}}} is not a history field ({', '.join(fields)})")
+
+
+def _labels(reader: _Reader, kind: str, where: str) -> tuple[str, ...]:
+    if kind == "regression":
+        bounds = reader._get("rating", _REQUIRED)
+        if (not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                                        for b in bounds) or bounds[0] >= bounds[1]
+                or bounds[1] - bounds[0] > 100):
+            raise DataError(f"{where}: 'rating' must be [low, high], integers with low < high (at most 101 values)")
+        return tuple(str(v) for v in range(bounds[0], bounds[1] + 1))
+    if kind == "classification":
+        labels = reader._get("labels", _REQUIRED)
+        if (not isinstance(labels, list) or not all(isinstance(v, str) and v.strip() for v in labels)
+                or len(set(labels)) != len(labels) or (len(labels) < 2 and not reader.raw.get("labels_from_input"))):
+            raise DataError(f"{where}: 'labels' must list at least two distinct non-empty labels")
+        return tuple(labels)
+    return ()
+
+
+def _schedule(reader: _Reader, where: str) -> tuple[tuple[str, float], ...]:
+    raw = reader.raw.get("schedule", {})
+    reader.seen.add("schedule")
+    if not isinstance(raw, dict) or set(raw) - set(DEFAULT_SCHEDULE):
+        raise DataError(f"{where} [schedule]: keys are {', '.join(DEFAULT_SCHEDULE)}")
+    merged = {**DEFAULT_SCHEDULE, **raw}
+    ok = (isinstance(merged["batch_size"], int) and merged["batch_size"] >= 1 and isinstance(merged["epochs"], int)
+          and merged["epochs"] >= 1 and isinstance(merged["lr"], (int, float)) and math.isfinite(merged["lr"])
+          and merged["lr"] > 0)
+    if not ok:
+        raise DataError(f"{where} [schedule]: batch_size and epochs must be integers >= 1, lr a positive number")
+    return tuple(merged.items())
+
+
+# ---- the registry ---------------------------------------------------------------------------------------------
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
-    for spec in (
-        TaskSpec("LaMP-1", "classification", ("title", "abstract"), ("title", "abstract"), LAMP1_LABELS, 8,
-                 "LaMP_1",
-                 "Identify the most relevant reference for a given paper title. Select between two candidate "
-                 "references [1] and [2]."),
-        TaskSpec("LaMP-2", "classification", ("description", "tag"), ("description",), LAMP2_TAGS, 10,
-                 "LaMP_2/new",
-                 "Classify movies into one of these 15 tags based on their descriptions: sci-fi, based on a "
-                 "book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, fantasy, romance, "
-                 "thought-provoking, social commentary, violence, or true story."),
-        TaskSpec("LaMP-2N", "classification", ("text", "title", "category"), ("title", "text"), (), 10,
-                 "LaMP_2",
-                 "Classify a news article into one of the given categories based on its headline and "
-                 "description."),
-        TaskSpec("LaMP-3", "regression", ("text", "score"), ("text",), LAMP3_LABELS, 4, "LaMP_3",
-                 "What is the score of the following review on a scale of 1 to 5?"),
-        TaskSpec("LaMP-4", "generation", ("text", "title"), ("text",), (), 32, "LaMP_4",
-                 "Generate a headline for an article."),
-        TaskSpec("LaMP-5", "generation", ("title", "abstract"), ("abstract",), (), 32, "LaMP_5",
-                 "Generate an appropriate title for an academic paper based on the provided abstract."),
-        TaskSpec("LaMP-7", "generation", ("text",), ("text",), (), 64, "LaMP_7",
-                 "Paraphrase the following text into a tweet."),
-    )
+    for spec in (load_task_file(path) for path in sorted(BUILTIN_DIR.glob("*.toml")))
 }
+_CUSTOM: dict[str, TaskSpec] = {}
+_BY_PATH: dict[tuple[str, int], TaskSpec] = {}
+_SPEC_SUFFIXES = (".toml", ".json")
 
-_NAME_RE = re.compile(r"^lamp[-_ ]?(\d)(n?)$", re.IGNORECASE)
+LAMP1_LABELS = TASKS["LaMP-1"].labels
+LAMP2_TAGS = TASKS["LaMP-2"].labels
+LAMP2N_OFFICIAL_CATEGORIES = TASKS["LaMP-2N"].labels
+LAMP3_LABELS = TASKS["LaMP-3"].labels
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make a custom task known by name in this process (loading its file does this; the last one loaded under
+    a name is the one the name means)."""
+    if spec.name in TASKS:
+        raise DataError(f"{spec.source}: name {spec.name!r} is a built-in task's")
+    _CUSTOM[spec.name] = spec
+    return spec
+
+
+def is_task_file(name: str) -> bool:
+    return str(name).lower().endswith(_SPEC_SUFFIXES)
 
 
 def normalize_task_name(name: str) -> str:
-    """Map ``LaMP_4``, ``lamp-4``, ``LaMP-2N`` ... to the canonical ``LaMP-4`` form.
+    """Map ``LaMP_4``, ``lamp-4``, ``LaMP-2N`` ... to the canonical ``LaMP-4`` form; a spec file path to its
+    task's name (loading it); a loaded custom task's name to itself.
 
     Raises:
-        DataError: the name is not a LaMP task prisp supports.
+        DataError: the name is not a task prisp knows.
     """
-    match = _NAME_RE.match(str(name).strip())
-    canonical = f"LaMP-{match.group(1)}{match.group(2).upper()}" if match else str(name)
-    if canonical not in TASKS:
-        raise DataError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
-    return canonical
+    return get_task(name).name
 
 
-def get_task(name: str) -> TaskSpec:
-    """The :class:`TaskSpec` for ``name`` in any accepted spelling."""
-    return TASKS[normalize_task_name(name)]
+def get_task(name: str | TaskSpec) -> TaskSpec:
+    """The :class:`TaskSpec` for a task name in any accepted spelling, or for a spec file path.
+
+    Raises:
+        DataError: unknown task (the message lists the known ones), or a spec file that does not validate.
+    """
+    if isinstance(name, TaskSpec):
+        return name
+    text = str(name).strip()
+    if is_task_file(text):
+        # Prompts ask for their task's spec per item: read each file once per process (keyed by its mtime, so
+        # an edited file is read again).
+        path = Path(text).resolve()
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            key = None
+        if key is None or key not in _BY_PATH:
+            spec = register_task(load_task_file(text))
+            if key is None:
+                return spec
+            _BY_PATH[key] = spec
+        return register_task(_BY_PATH[key])
+    match = _LAMP_NAME.match(text)
+    canonical = f"LaMP-{match.group(1)}{match.group(2).upper()}" if match else text
+    if canonical in TASKS:
+        return TASKS[canonical]
+    if text in _CUSTOM:
+        return _CUSTOM[text]
+    raise DataError(f"unknown task {name!r}; expected one of: {', '.join([*TASKS, *_CUSTOM])}, "
+                    "or a task spec file (.toml/.json)")
 
 
-_CATEGORIES_RE = re.compile(r"categories:\s*\[([^\]]*)\]", re.IGNORECASE)
+def split_labels(text: str) -> tuple[str, ...]:
+    """A comma-separated label list as a tuple (blank entries dropped)."""
+    return tuple(label.strip() for label in text.split(",") if label.strip())
+
+
+def labels_in_input(spec: TaskSpec, text: str) -> tuple[str, ...]:
+    """The label list an input names (LaMP-2's tags, LaMP-2N's categories), or ``()``."""
+    if not spec.input_labels:
+        return ()
+    match = re.search(spec.input_labels, text, re.IGNORECASE)
+    return split_labels(match.group(1)) if match else ()
 
 
 def categories_from_input(text: str) -> tuple[str, ...]:
     """The category list a LaMP-2N input names (``categories: [a, b, ...]``), or ``()``."""
-    match = _CATEGORIES_RE.search(text)
-    if not match:
-        return ()
-    return tuple(c.strip() for c in match.group(1).split(",") if c.strip())
+    return labels_in_input(TASKS["LaMP-2N"], text)
 
 
-def label_set(task: str, inputs: list[str] | None = None) -> tuple[str, ...]:
-    """The label set for ``task``; for LaMP-2N read from ``inputs`` when they list categories."""
+def label_set(task: str | TaskSpec, inputs: list[str] | None = None) -> tuple[str, ...]:
+    """The label set for ``task``; for tasks whose inputs name their labels (LaMP-2N), read from ``inputs``."""
     spec = get_task(task)
-    if spec.name == "LaMP-2N":
+    if spec.labels_from_input:
         for text in inputs or []:
-            found = categories_from_input(text)
+            found = labels_in_input(spec, text)
             if found:
                 return found
-        return LAMP2N_OFFICIAL_CATEGORIES
     return spec.labels
 
 

@@ -100,7 +100,9 @@ def train_command(
 
 
 def anchor_command(
-    description: str = typer.Option(..., help="The task, in a sentence or two."),
+    description: Optional[str] = typer.Option(None, help="The task, in a sentence or two [default: --task's own "
+                                                         "description]."),
+    task: Optional[str] = typer.Option(None, help="A task name or spec file (.toml/.json) whose description to use."),
     out: Path = typer.Option(..., help="Adapter directory to write (standard peft LoRA)."),
     hypernet: Optional[Path] = typer.Option(None, help="Hypernet checkpoint (default: the one shipped for --model)."),
     t2l: Optional[Path] = typer.Option(None, help="Instead of a prisp hypernet: a published Text-to-LoRA checkpoint "
@@ -116,8 +118,13 @@ def anchor_command(
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Generate a task anchor LoRA from a description in one hypernetwork forward pass."""
+    from prisp.data.tasks import get_task
     from prisp.errors import DataError, PrispError
 
+    if description is None:
+        if task is None:
+            raise PrispError("give --description TEXT or --task NAME_OR_SPEC_FILE")
+        description = get_task(task).description
     if not description.strip():
         raise DataError("--description is empty; describe the task in a sentence or two")
     if t2l is None and (encoder_dir is not None or trust_remote_code or module_order is not None):

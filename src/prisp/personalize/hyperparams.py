@@ -89,11 +89,21 @@ def check_schedule(schedule: str) -> None:
 def personalization_hyperparams(task: str, strategy: str = "prisp", schedule: str = "paper") -> StageHyperparams:
     """The Stage-2 schedule of ``strategy`` on ``task``; LaMP-2N (news categorization) takes LaMP-2's row.
 
+    A custom task (a spec file) has no Table 7 row and was not searched: ``paper`` means the schedule its file
+    gives (``[schedule]``, default batch 4, 1 epoch, lr 3e-3), and ``tuned`` is refused.
+
     Raises:
         PrispError: an unknown schedule, or ``tuned`` for a task or strategy the search did not cover.
     """
     check_schedule(schedule)
-    name = get_task(task).name
+    spec = get_task(task)
+    name = spec.name
+    if not spec.builtin:
+        if schedule == "tuned":
+            raise PrispError(f"no tuned Stage-2 schedule for the custom task {name}; use --schedule paper (the "
+                             "[schedule] of its spec file), or give --lr, --epochs and --batch-size")
+        row = dict(spec.schedule)
+        return StageHyperparams(int(row["batch_size"]), int(row["epochs"]), float(row["lr"]))
     if schedule == "paper":
         return PRISP_TABLE7["LaMP-2" if name == "LaMP-2N" else name]
     row = TUNED.get(strategy, {}).get(name)

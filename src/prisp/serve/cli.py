@@ -34,6 +34,8 @@ def serve(
     port: int = typer.Option(8000, help="Listen port."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model name or directory."),
     anchor: list[str] = typer.Option([], "--anchor", help="TASK=DIR: a task's anchor LoRA (repeatable)."),
+    task_file: list[Path] = typer.Option([], "--task-file", help="A custom task spec (.toml/.json) to serve "
+                                                                 "besides the LaMP tasks (repeatable; needs --anchor NAME=DIR)."),
     anchors_dir: Path | None = typer.Option(None, help="One anchor sub-dir per task (LaMP-4 ...)."),
     random_anchors: bool = typer.Option(False, help="Random-init anchors (= base model) elsewhere."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
@@ -51,6 +53,7 @@ def serve(
     """Run the HTTP API (``prisp serve --store DIR``); see the sub-commands for keys and exports."""
     if ctx.invoked_subcommand is not None:
         return
+    from prisp.data.tasks import get_task
     from prisp.personalize import PersonalizeConfig
     from prisp.serve.config import ServeConfig, ServeLimits, parse_anchor_option
     from prisp.serve.keys import load_key
@@ -58,8 +61,11 @@ def serve(
     if store is None:
         raise PrispError("--store DIR is required to run the server")
     key = load_key(key_file)  # before loading anything: no key, no server
+    for path in task_file:  # before the anchors, which may name these tasks
+        get_task(str(path))
     config = ServeConfig(
         store=store, model=model, host=host, port=port, anchors=dict(parse_anchor_option(a) for a in anchor),
+        task_files=tuple(task_file),
         anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=resolve_threads(threads),
         personalize=PersonalizeConfig(strategy=strategy, schedule=schedule, lr=lr, progress=False),
         limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),

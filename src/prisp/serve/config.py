@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from prisp.data.tasks import normalize_task_name
+from prisp.data.tasks import get_task, normalize_task_name
 from prisp.errors import PrispError
 from prisp.models import DEFAULT_MODEL
 from prisp.personalize import PersonalizeConfig
@@ -51,6 +51,8 @@ class ServeConfig:
         model: Base model name or directory (see ``prisp models``).
         host, port: Where uvicorn listens; keep 127.0.0.1 unless a TLS proxy sits in front.
         anchors: ``task -> peft adapter directory``.
+        task_files: custom task spec files (``docs/tasks.md``) served besides the LaMP tasks; each needs an
+            anchor like any task (``--anchor NAME=DIR``).
         anchors_dir: Directory holding one anchor per task.
         random_anchors: Serve every task from a random-init anchor when no other anchor names it.
         personalize: Stage 2 options used by jobs (strategy, k, lr ...); ``progress`` is forced off.
@@ -69,6 +71,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     anchors: dict[str, Path] = field(default_factory=dict)
+    task_files: tuple[Path, ...] = ()
     anchors_dir: Path | None = None
     random_anchors: bool = False
     personalize: PersonalizeConfig = field(default_factory=lambda: PersonalizeConfig(progress=False))
@@ -81,6 +84,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
+        for path in self.task_files:  # registered first: the anchors may name these tasks
+            get_task(str(path))
         canonical = {normalize_task_name(task): Path(path) for task, path in self.anchors.items()}
         object.__setattr__(self, "anchors", canonical)
         if not 0 < self.port < 65536:

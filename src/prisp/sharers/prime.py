@@ -88,8 +88,8 @@ def history_probe(task: str, items: Sequence[ProfileItem], labels: Sequence[str]
     spec = get_task(task)
     examples = [item_example(spec.name, item, labels) for item in items]
     kind = {"classification": "label", "regression": "rating"}.get(spec.kind, "text")
-    if spec.name == "LaMP-1":
-        kind = "text"  # LaMP-1 items train title -> abstract
+    if spec.history_prompt:
+        kind = "text"  # items teach something else than the query (LaMP-1: title -> abstract)
     return HistoryProbe(
         [e.prompt for e in examples], [e.answer for e in examples], tuple(labels or spec.labels), kind
     )
