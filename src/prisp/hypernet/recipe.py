@@ -133,6 +133,21 @@ class RunResult:
     out_dir: Path
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What ``train_hypernet`` was asked to do (the inputs ``_prepare`` builds a run from)."""
+
+    base: nn.Module
+    tokenizer: object
+    data: SniData
+    encoder: DescriptionEncoder
+    out_dir: Path
+    config: HyperTrainConfig
+    model_name: str
+    command: str = ""
+    resume: bool = False
+
+
 @dataclass
 class _Run:
     """Everything a run needs, built once (``loop``: the training loop's state, updated every step)."""
@@ -173,7 +188,7 @@ def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: Descripti
     Raises:
         DataError: No training tasks, or a resume whose data/options differ from the saved run.
     """
-    run, state = _prepare(base, tokenizer, data, encoder, Path(out_dir), config, model_name, command, resume)
+    run, state = _prepare(RunSpec(base, tokenizer, data, encoder, Path(out_dir), config, model_name, command, resume))
     mode = MODES[config.mode](run)
     if state.done:
         logger.info("run in %s is already complete (step %d)", run.out_dir, state.step)
@@ -195,52 +210,60 @@ def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: Descripti
     return RunResult(run.checkpoint, state, run.out_dir)
 
 
-def _prepare(base, tokenizer, data, encoder, out_dir, config, model_name, command, resume):
-    base.requires_grad_(False)
+def _prepare(spec: RunSpec) -> tuple[_Run, RunState]:
+    """Build the run of ``spec``: a new hypernetwork, or the checkpoint in ``spec.out_dir`` when resuming."""
+    spec.base.requires_grad_(False)
+    data, config, out_dir = spec.data, spec.config, spec.out_dir
     train_tasks, heldout = data.split("train"), data.split("heldout")
     if not train_tasks:
         raise DataError(f"{data.path or 'SNI data'} has no tasks with split 'train'")
     table = description_table(train_tasks)
     eval_rows = {task.name: table.add(task.name, task.eval_description) for task in heldout}
-    embeddings = _embeddings(encoder, table.texts, out_dir / "embeddings.safetensors")  # [R, d]
+    embeddings = _embeddings(spec.encoder, table.texts, out_dir / "embeddings.safetensors")  # [R, d]
     ckpt_dir = out_dir / "checkpoint"
-    loop = None
-    if resume and (ckpt_dir / "hypernet.json").is_file():
-        checkpoint = load_checkpoint(ckpt_dir, with_train_state=True)
-        _check_resumable(checkpoint, data, encoder, config)
-        state = RunState(**checkpoint.meta["state"])
-        limit_left = config.steps_limit is None or state.step < config.steps_limit
-        state.done = state.done and not (state.epoch < config.epochs and limit_left)
-        loop = checkpoint.train_state
-        if loop is None or loop.optimizer is None:
-            # Written before the loop state was saved: its partial epoch cannot be replayed, so the rest of the
-            # epoch's examples go to a new train() call, with fresh moments; the schedule continues at state.step.
-            logger.warning("checkpoint %s has no optimiser state (an older format): AdamW's moments restart; "
-                           "the learning-rate schedule continues at step %d", ckpt_dir, state.step)
-            loop, state.call_start = None, len(state.consumed)
-        _truncate_log(out_dir / "log.jsonl", state.step)
-        logger.info("resuming %s at epoch %d step %d (%d examples of the epoch done)", ckpt_dir, state.epoch,
-                    state.step, len(state.consumed))
+    if spec.resume and (ckpt_dir / "hypernet.json").is_file():
+        checkpoint, state, loop = _resumed(spec, ckpt_dir)
     else:
         if (ckpt_dir / "hypernet.json").is_file():
             raise DataError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         (out_dir / "log.jsonl").unlink(missing_ok=True)
         torch.manual_seed(config.seed)
-        shapes = shapes_for_model(base, LoraSpec().target_modules)
-        hypernet_config = HyperNetConfig.for_shapes(encoder.dim, shapes, **config.hypernet)
-        checkpoint = HyperNetCheckpoint(HyperNet(hypernet_config), base_model=model_name, encoder=encoder.name)
-        state = RunState()
-    checkpoint.meta.update(training_command=command, data_sha256=data.sha256,
+        shapes = shapes_for_model(spec.base, LoraSpec().target_modules)
+        hypernet_config = HyperNetConfig.for_shapes(spec.encoder.dim, shapes, **config.hypernet)
+        checkpoint = HyperNetCheckpoint(HyperNet(hypernet_config), base_model=spec.model_name,
+                                        encoder=spec.encoder.name)
+        state, loop = RunState(), None
+    checkpoint.meta.update(training_command=spec.command, data_sha256=data.sha256,
                            train_config=asdict(config), data_tasks={"train": len(train_tasks), "heldout": len(heldout)})
-    wrapper = HyperLoraModel(base, checkpoint.hypernet, embeddings)
-    heldout_examples = _heldout_examples(tokenizer, heldout, eval_rows, config.max_length)
+    wrapper = HyperLoraModel(spec.base, checkpoint.hypernet, embeddings)
+    heldout_examples = _heldout_examples(spec.tokenizer, heldout, eval_rows, config.max_length)
     probe = RougeProbe(rows=[eval_rows[t.name] for t in heldout],
                        prompts=[[i.input for i in t.instances[:config.eval_instances]] for t in heldout],
                        golds=[[i.output for i in t.instances[:config.eval_instances]] for t in heldout])
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(wrapper, tokenizer, data, table, eval_rows, heldout_examples, probe, config, checkpoint, out_dir,
+    run = _Run(wrapper, spec.tokenizer, data, table, eval_rows, heldout_examples, probe, config, checkpoint, out_dir,
                out_dir / "log.jsonl", loop)
     return run, state
+
+
+def _resumed(spec: RunSpec, ckpt_dir: Path) -> tuple[HyperNetCheckpoint, RunState, TrainState | None]:
+    """The checkpoint, run state and loop state to continue from (refused when data or options differ)."""
+    checkpoint = load_checkpoint(ckpt_dir, with_train_state=True)
+    _check_resumable(checkpoint, spec.data, spec.encoder, spec.config)
+    state = RunState(**checkpoint.meta["state"])
+    limit_left = spec.config.steps_limit is None or state.step < spec.config.steps_limit
+    state.done = state.done and not (state.epoch < spec.config.epochs and limit_left)
+    loop = checkpoint.train_state
+    if loop is None or loop.optimizer is None:
+        # Written before the loop state was saved: its partial epoch cannot be replayed, so the rest of the
+        # epoch's examples go to a new train() call, with fresh moments; the schedule continues at state.step.
+        logger.warning("checkpoint %s has no optimiser state (an older format): AdamW's moments restart; "
+                       "the learning-rate schedule continues at step %d", ckpt_dir, state.step)
+        loop, state.call_start = None, len(state.consumed)
+    _truncate_log(spec.out_dir / "log.jsonl", state.step)
+    logger.info("resuming %s at epoch %d step %d (%d examples of the epoch done)", ckpt_dir, state.epoch,
+                state.step, len(state.consumed))
+    return checkpoint, state, loop
 
 
 def _embeddings(encoder: DescriptionEncoder, texts: list[str], cache: Path) -> torch.Tensor:
