@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Llama and a tiny byte-level tokenizer, built in-process.
 
-Real-model tests are marked ``slow``; everything else runs on these in well under a second.
+Test lanes are marked by what they cost: ``slow`` (the real default model), ``encoder`` (the real MiniLM
+description/history encoder), ``ray`` (a local Ray cluster). Unmarked tests form the fast lane. The cost guard
+below fails any test that loads the real model or MiniLM without the mark, so the lanes stay true.
 """
 
 from __future__ import annotations
@@ -14,6 +16,41 @@ import torch
 # Tests share 2 cores with whatever else runs; one thread avoids OpenMP oversubscription collapse.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COST_MARKS: set[str] = set()  # the marks of the test being set up or run
+
+
+def pytest_runtest_setup(item):
+    COST_MARKS.clear()
+    COST_MARKS.update(mark.name for mark in item.iter_markers())
+
+
+def _guarded(original, mark: str, what: str):
+    def guard(*args, **kwargs):
+        if mark not in COST_MARKS:
+            pytest.fail(f"this test loads {what}: mark it @pytest.mark.{mark} (see tests/conftest.py)")
+        return original(*args, **kwargs)
+
+    return guard
+
+
+def _install_cost_guards() -> None:
+    import prisp.models
+    from prisp.hypernet import encoders
+
+    real_resolve = prisp.models.resolve_model
+
+    def resolve(name_or_path, *args, **kwargs):
+        # Checked before resolving: resolving a registered model converts it (tens of seconds) the first time.
+        if str(name_or_path) in prisp.models.REGISTRY and "slow" not in COST_MARKS:
+            pytest.fail(f"this test loads the real model {name_or_path!r}: mark it @pytest.mark.slow")
+        return real_resolve(name_or_path, *args, **kwargs)
+
+    prisp.models.resolve_model = resolve
+    encoders.MiniLMEncoder.__init__ = _guarded(encoders.MiniLMEncoder.__init__, "encoder", "the real MiniLM encoder")
+
+
+_install_cost_guards()
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

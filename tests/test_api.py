@@ -34,11 +34,13 @@ def base(tiny_model_dir):
 @pytest.fixture(scope="module")
 def hypernet_dir(base, tmp_path_factory):
     torch.manual_seed(0)
-    net = HyperNet(HyperNetConfig.for_shapes(384, shapes_for_model(base.model), **SMALL_HYPERNET))
+    shapes = shapes_for_model(base.model)
+    net = HyperNet(HyperNetConfig.for_shapes(base.model.config.hidden_size, shapes, **SMALL_HYPERNET))
+    # The "base" description encoder (the base model's own hidden states) keeps the real MiniLM out of the fast lane.
     with torch.no_grad():  # a trained-like net: its output depends on the description (a fresh one's B is 0)
         for param in net.parameters():
             param.normal_(0, 0.05)
-    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="minilm"),
+    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="base"),
                            tmp_path_factory.mktemp("api") / "hypernet")
 
 

@@ -107,6 +107,7 @@ def test_local_pool_trains_good_users_and_a_bad_history_fails_alone(local_run):
     assert report["seed"] == user_seed(7, GOOD[0]) and report["threads"] == 1 and report["job_key"]
 
 
+@pytest.mark.ray  # starts a local Ray cluster
 def test_ray_backend_gives_the_same_adapters_bit_for_bit(local_run, ray_run):
     (local_store, _), (ray_store, result) = local_run, ray_run
     assert result.exit_code == 1, result.output

@@ -78,6 +78,7 @@ def pooled_run(tiny_model_dir, tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.encoder  # the quick grid picks Per-Pcs/PriME sharers with MiniLM
 def test_quick_profile_writes_every_row_the_report_and_the_figures(quick_run, tiny_model_dir):
     out, output = quick_run
     config = profile_config("quick", model=str(tiny_model_dir), out=out)
@@ -128,6 +129,7 @@ def test_quick_profile_writes_every_row_the_report_and_the_figures(quick_run, ti
         assert f"]({name})" in report and (out / name).read_bytes().startswith(PNG)
 
 
+@pytest.mark.encoder  # the quick grid picks Per-Pcs/PriME sharers with MiniLM
 def test_resumed_run_skips_done_rows_and_adds_no_duplicates(quick_run, tiny_model_dir, tmp_path):
     src, _ = quick_run
     out = tmp_path / "resumed"
@@ -208,6 +210,7 @@ def test_bad_options_are_one_line_errors():
         profile_config("quick", protocol="zero-shot")
 
 
+@pytest.mark.encoder  # the quick grid picks Per-Pcs/PriME sharers with MiniLM
 def test_report_only_computes_nothing_and_lists_missing_cells(quick_run, tiny_model_dir, tmp_path):
     src, _ = quick_run
     out = tmp_path / "partial"
@@ -229,6 +232,7 @@ SAME_ON_ANY_POOL = ("metrics", "score", "predictions", "queries", "n_users", "la
                     "cached_users", "anchor", "requires_task_data")
 
 
+@pytest.mark.encoder  # the quick grid picks Per-Pcs/PriME sharers with MiniLM
 def test_two_workers_write_the_rows_of_the_sequential_run(quick_run, pooled_run):
     (sequential_out, _), (pooled_out, output) = quick_run, pooled_run
     pooled = {row_key(r): r for r in _rows(pooled_out)}

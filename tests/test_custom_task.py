@@ -50,12 +50,12 @@ def error_line(result) -> str:
 def hypernet_dir(tiny_model_dir, tmp_path_factory):
     model = load_model(str(tiny_model_dir)).model
     torch.manual_seed(0)
-    net = HyperNet(HyperNetConfig.for_shapes(384, shapes_for_model(model), task_dim=8, pos_dim=4, hidden_dim=16,
-                                             num_blocks=1, head_in_dim=8))
+    net = HyperNet(HyperNetConfig.for_shapes(model.config.hidden_size, shapes_for_model(model), task_dim=8,
+                                             pos_dim=4, hidden_dim=16, num_blocks=1, head_in_dim=8))
     with torch.no_grad():
         for param in net.parameters():
             param.normal_(0, 0.05)
-    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="minilm"),
+    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="base"),
                            tmp_path_factory.mktemp("custom") / "hypernet")
 
 

@@ -339,6 +339,7 @@ def test_sni_data_validation_checksum_and_description_draws(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.encoder  # the real MiniLM encoder
 def test_real_minilm_encoder_is_normalised_and_deterministic():
     from prisp.hypernet.encoders import MiniLMEncoder
 
@@ -351,6 +352,7 @@ def test_real_minilm_encoder_is_normalised_and_deterministic():
     torch.testing.assert_close(single, emb[1], rtol=0, atol=1e-4)  # padding in a batch moves the last bits
 
 
+@pytest.mark.encoder  # the real MiniLM encoder
 def test_cli_anchor_and_train_end_to_end(tiny_model_dir, tmp_path):
     import typer
 

@@ -102,3 +102,16 @@ def test_data_layer_imports_no_training_serving_or_bench():
         if name.startswith("prisp.data"):
             bad = {t for t in targets if t.startswith(("prisp.training", "prisp.serve", "prisp.bench"))}
             assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def test_the_cost_guard_fails_an_unmarked_test_that_loads_the_real_encoder_or_model():
+    """conftest's guard keeps the fast lane fast: costs must be marked (slow / encoder / ray)."""
+    import pytest
+
+    from prisp.hypernet.encoders import MiniLMEncoder
+    from prisp.models import resolve_model
+
+    with pytest.raises(pytest.fail.Exception, match="mark it @pytest.mark.encoder"):
+        MiniLMEncoder()
+    with pytest.raises(pytest.fail.Exception, match="mark it @pytest.mark.slow"):
+        resolve_model("smollm2-135m")
