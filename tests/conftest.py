@@ -127,3 +127,23 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Keep tests out of the user's ~/.cache/prisp; one home per session so the real model converts once."""
     home = os.environ.get("PRISP_TEST_HOME") or str(tmp_path_factory.getbasetemp() / "prisp-home")
     monkeypatch.setenv("PRISP_HOME", home)
+
+
+@pytest.fixture(scope="session")
+def tiny_hypernet_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A small hypernetwork checkpoint for the tiny model, with the base-model description encoder (no MiniLM)
+    and random weights large enough that its anchors depend on the description (a fresh net's B is 0)."""
+    from prisp.adapters.weights import shapes_for_model
+    from prisp.hypernet.checkpoint import HyperNetCheckpoint, save_checkpoint
+    from prisp.hypernet.model import HyperNet, HyperNetConfig
+    from prisp.models import load_model
+
+    model = load_model(str(tiny_model_dir)).model
+    torch.manual_seed(0)
+    net = HyperNet(HyperNetConfig.for_shapes(model.config.hidden_size, shapes_for_model(model), task_dim=8,
+                                             pos_dim=4, hidden_dim=16, num_blocks=1, head_in_dim=8))
+    with torch.no_grad():
+        for param in net.parameters():
+            param.normal_(0, 0.05)
+    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="base"),
+                           tmp_path_factory.mktemp("tiny-hypernet") / "hypernet")

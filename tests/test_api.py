@@ -12,10 +12,7 @@ import torch
 
 import prisp
 from prisp.adapters import LoraWeights, attach_lora, load_adapter, shared_copy
-from prisp.adapters.weights import shapes_for_model
 from prisp.data.locations import SAMPLE_DIR
-from prisp.hypernet.checkpoint import HyperNetCheckpoint, save_checkpoint
-from prisp.hypernet.model import HyperNet, HyperNetConfig
 from prisp.scoring import score_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +29,8 @@ def base(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def hypernet_dir(base, tmp_path_factory):
-    torch.manual_seed(0)
-    shapes = shapes_for_model(base.model)
-    net = HyperNet(HyperNetConfig.for_shapes(base.model.config.hidden_size, shapes, **SMALL_HYPERNET))
-    # The "base" description encoder (the base model's own hidden states) keeps the real MiniLM out of the fast lane.
-    with torch.no_grad():  # a trained-like net: its output depends on the description (a fresh one's B is 0)
-        for param in net.parameters():
-            param.normal_(0, 0.05)
-    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="base"),
-                           tmp_path_factory.mktemp("api") / "hypernet")
+def hypernet_dir(tiny_hypernet_dir):
+    return tiny_hypernet_dir
 
 
 def test_import_prisp_is_light_and_lists_the_verbs():

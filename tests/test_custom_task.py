@@ -10,19 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import prisp
 from prisp.adapters import load_adapter
-from prisp.adapters.weights import shapes_for_model
 from prisp.cli import app
 from prisp.data.prompts import query_prompt, render_item, retrieval_query
 from prisp.data.tasks import get_task, label_set, load_task_file
 from prisp.errors import DataError, PrispError
-from prisp.hypernet.checkpoint import HyperNetCheckpoint, save_checkpoint
-from prisp.hypernet.model import HyperNet, HyperNetConfig
-from prisp.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "support_reply"
@@ -47,16 +42,8 @@ def error_line(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def hypernet_dir(tiny_model_dir, tmp_path_factory):
-    model = load_model(str(tiny_model_dir)).model
-    torch.manual_seed(0)
-    net = HyperNet(HyperNetConfig.for_shapes(model.config.hidden_size, shapes_for_model(model), task_dim=8,
-                                             pos_dim=4, hidden_dim=16, num_blocks=1, head_in_dim=8))
-    with torch.no_grad():
-        for param in net.parameters():
-            param.normal_(0, 0.05)
-    return save_checkpoint(HyperNetCheckpoint(net, base_model="tiny", encoder="base"),
-                           tmp_path_factory.mktemp("custom") / "hypernet")
+def hypernet_dir(tiny_hypernet_dir):
+    return tiny_hypernet_dir
 
 
 def write_spec(tmp_path, text: str, name: str = "task.toml") -> Path:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -69,8 +70,13 @@ def test_serve_refuses_to_start_without_a_key_or_store(tmp_path, tiny_model_dir)
     assert bad.exit_code == 2 and KEY_ENV in bad.stderr
     no_store = invoke([], env={KEY_ENV: generate_key().encode()})
     assert no_store.exit_code == 2 and "--store" in no_store.stderr
-    no_anchor = invoke(["--store", str(tmp_path / "s")], env={KEY_ENV: generate_key().encode()})
-    assert no_anchor.exit_code == 2 and "no anchors" in no_anchor.stderr
+    no_anchor = invoke(["--store", str(tmp_path / "s"), "--model", str(tiny_model_dir)],
+                       env={KEY_ENV: generate_key().encode()})
+    assert no_anchor.exit_code == 2 and "no hypernetwork is shipped" in no_anchor.stderr
+    assert not (tmp_path / "s").exists()
+    both = invoke(["--store", str(tmp_path / "s"), "--model", str(tiny_model_dir), "--random-anchors",
+                   "--hypernet", str(tmp_path)], env={KEY_ENV: generate_key().encode()})
+    assert both.exit_code == 2 and "applies only without --anchor" in both.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -225,3 +231,31 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for word in ("keygen", "rotate-key", "export", "--store", "--anchor"):
         assert word in result.stdout
+
+
+def test_without_anchor_options_every_task_gets_its_anchor_from_text_once(tmp_path, tiny_model_dir,
+                                                                           tiny_hypernet_dir):
+    """The README's bare `prisp serve --store DIR` path: anchors from each task's description, cached."""
+    from prisp.data.tasks import TASKS
+    from prisp.hypernet.anchor import Anchorer
+    from prisp.serve.config import ServeConfig
+    from prisp.serve.embedded import serve_in_thread
+
+    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), hypernet=tiny_hypernet_dir)
+    assert config.text_anchors
+    key = generate_key()
+    with serve_in_thread(config, key, start_timeout=60) as live:
+        first = dict(live.service.anchors)
+    assert set(first) == set(TASKS)
+    cache = [p for p in (Path(os.environ["PRISP_HOME"]) / "anchors").iterdir()
+             if (p / "adapter_config.json").is_file()]
+    assert len(cache) >= len(TASKS)
+    expected = Anchorer.load(tiny_hypernet_dir, str(tiny_model_dir)).generate(TASKS["LaMP-4"].description).weights
+    assert all(torch.equal(t, first["LaMP-4"].to_peft_state_dict()[k])
+               for k, t in expected.to_peft_state_dict().items())
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+    with serve_in_thread(config, key, start_timeout=60) as live:  # a restart reads them back, generates nothing
+        second = live.service.anchors
+        assert all(torch.equal(first[t].to_peft_state_dict()[k], v)
+                   for t in first for k, v in second[t].to_peft_state_dict().items())
+    assert stamps == {p: p.stat().st_mtime_ns for p in cache}

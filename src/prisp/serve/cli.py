@@ -38,6 +38,8 @@ def serve(
                                                                  "besides the LaMP tasks (repeatable; needs --anchor NAME=DIR)."),
     anchors_dir: Path | None = typer.Option(None, help="One anchor sub-dir per task (LaMP-4 ...)."),
     random_anchors: bool = typer.Option(False, help="Random-init anchors (= base model) elsewhere."),
+    hypernet: Path | None = typer.Option(None, help="With no anchor option: the hypernetwork that makes every "
+                                                    "task's anchor from its description [default: the shipped one]."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
     strategy: str = typer.Option("prisp", help="Stage 2 strategy of personalize/update jobs."),
     schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
@@ -66,7 +68,7 @@ def serve(
     config = ServeConfig(
         store=store, model=model, host=host, port=port, anchors=dict(parse_anchor_option(a) for a in anchor),
         task_files=tuple(task_file),
-        anchors_dir=anchors_dir, random_anchors=random_anchors, cache_size=cache_size, threads=resolve_threads(threads),
+        anchors_dir=anchors_dir, random_anchors=random_anchors, hypernet=hypernet, cache_size=cache_size, threads=resolve_threads(threads),
         personalize=PersonalizeConfig(strategy=strategy, schedule=schedule, lr=lr, progress=False),
         limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),
         batch_window_ms=batch_window_ms, max_batch=max_batch, adapter_slots=adapter_slots,
@@ -88,7 +90,13 @@ def _run_server(config, key) -> None:
         typer.echo(f"prisp: warning: listening on {config.host}; bearer tokens travel in clear text unless a "
                    "TLS proxy terminates the connections", err=True)
     typer.echo(f"loading model {config.model} and opening store {config.store} ...", err=True)
+    if config.text_anchors:
+        typer.echo("no --anchor/--anchors-dir/--random-anchors: each task's anchor comes from its description "
+                   f"through the hypernetwork ({config.hypernet or 'the one shipped for ' + config.model}), "
+                   "generated once and cached under $PRISP_HOME/anchors", err=True)
     app = create_app(config, key)
+    tasks = ", ".join(sorted(app.state.service.anchors))
+    typer.echo(f"serving {len(app.state.service.anchors)} tasks: {tasks}", err=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
 

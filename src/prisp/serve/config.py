@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prisp.data.tasks import get_task, normalize_task_name
 from prisp.errors import PrispError
+from prisp.hypernet.checkpoint import shipped_checkpoint
 from prisp.models import DEFAULT_MODEL
 from prisp.personalize import PersonalizeConfig
 
@@ -45,6 +46,9 @@ class ServeConfig:
     ``random_anchors`` (a seeded random-init LoRA for every task: B = 0, so it serves the base model
     itself; for trials and tests), ``anchors_dir`` (one peft sub-directory per task, named like
     ``LaMP-4``), and ``anchors`` (explicit ``task -> directory``). Only tasks with an anchor are served.
+    With none of them, every task (the LaMP tasks and ``task_files``) gets its anchor *from text*: the
+    hypernetwork (``hypernet``, default: the one shipped for the model) turns the task's description into
+    a LoRA, once; the result is cached under ``$PRISP_HOME/anchors``.
 
     Attributes:
         store: Store directory (created on first start).
@@ -55,6 +59,7 @@ class ServeConfig:
             anchor like any task (``--anchor NAME=DIR``).
         anchors_dir: Directory holding one anchor per task.
         random_anchors: Serve every task from a random-init anchor when no other anchor names it.
+        hypernet: The hypernetwork checkpoint for anchors from text (default: the one shipped for ``model``).
         personalize: Stage 2 options used by jobs (strategy, k, lr ...); ``progress`` is forced off.
         cache_size: Decrypted adapters kept in memory (LRU, keyed by user and version).
         threads: torch CPU threads (None: leave torch's default).
@@ -74,6 +79,7 @@ class ServeConfig:
     task_files: tuple[Path, ...] = ()
     anchors_dir: Path | None = None
     random_anchors: bool = False
+    hypernet: Path | None = None
     personalize: PersonalizeConfig = field(default_factory=lambda: PersonalizeConfig(progress=False))
     cache_size: int = 64
     threads: int | None = None
@@ -105,12 +111,21 @@ class ServeConfig:
                              f"of a batch needs its own slot; got {self.adapter_slots}")
         if self.anchors_dir is not None and not Path(self.anchors_dir).is_dir():
             raise PrispError(f"--anchors-dir {self.anchors_dir} is not a directory")
-        if not (self.anchors or self.anchors_dir or self.random_anchors):
-            raise PrispError("no anchors: pass --anchor TASK=DIR (repeatable), --anchors-dir DIR or "
+        if self.hypernet is not None and not self.text_anchors:
+            raise PrispError("--hypernet generates anchors from text, which applies only without --anchor, "
+                             "--anchors-dir and --random-anchors")
+        if self.text_anchors and self.hypernet is None and shipped_checkpoint(self.model) is None:
+            raise PrispError(f"no anchors given and no hypernetwork is shipped for model {self.model!r} to make "
+                             "them from text: pass --hypernet PATH, --anchor TASK=DIR, --anchors-dir DIR or "
                              "--random-anchors")
         if self.personalize.progress:
             # Jobs run in a background thread of a server: a progress bar there would only garble the log.
             object.__setattr__(self, "personalize", replace(self.personalize, progress=False))
+
+    @property
+    def text_anchors(self) -> bool:
+        """No anchor option given: every task's anchor comes from its description (see the class docstring)."""
+        return not (self.anchors or self.anchors_dir or self.random_anchors)
 
 
 def parse_anchor_option(text: str) -> tuple[str, Path]:

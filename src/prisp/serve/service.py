@@ -71,7 +71,7 @@ class PrispService:
         try:
             loaded = loaded or load_model(config.model)
             self.model_name = loaded.name
-            self.anchors = load_anchors(config, loaded.model)
+            self.anchors = load_anchors(config, loaded.model, loaded.tokenizer, loaded.name)
         except BaseException:
             self.store.close()
             raise
