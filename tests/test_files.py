@@ -106,3 +106,20 @@ def test_default_data_locations_follow_env_then_working_directory(tmp_path, monk
     monkeypatch.setenv("PRISP_SNI", str(tmp_path / "sni.jsonl"))
     assert default_data_dir() == default_data_dir(benchmark=True) == tmp_path / "mine"
     assert default_sni_file() == tmp_path / "sni.jsonl"
+
+
+def test_read_jsonl_names_the_bad_line_and_skips_blank_ones(tmp_path):
+    from prisp.errors import DataError
+    from prisp.files import read_jsonl
+
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"a": 1}\n\n[2]\n')
+    assert list(read_jsonl(good)) == [(f"{good}:1", {"a": 1}), (f"{good}:3", [2])]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        list(read_jsonl(bad))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"a": "\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        list(read_jsonl(latin))

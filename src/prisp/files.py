@@ -1,4 +1,5 @@
-"""Durable files: the one atomic write, the one directory swap and the one append-only JSONL log.
+"""Durable files: the one atomic write, the one directory swap, the one append-only JSONL log, and the one
+strict reader of JSON-lines input files.
 
 Every writer in prisp goes through here, so the crash guarantees are the same everywhere: a file or
 directory is either the old one or the complete new one (temp sibling, fsync, rename, directory fsync),
@@ -15,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from prisp.errors import DataError
 
 TMP_PREFIX = ".tmp-"  # temporaries of write_atomic; a store's sweep may delete leftovers by this prefix
 
@@ -166,3 +169,26 @@ class JsonlLog:
         """Replace the whole log atomically with ``records`` (e.g. dropping entries past a checkpoint)."""
         text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in records)
         write_atomic(self.path, text)
+
+
+def read_jsonl(path: Path | str) -> Iterator[tuple[str, object]]:
+    """The records of a JSON-lines *input* file, each with its ``file:line`` for error messages; blank lines
+    are skipped. Unlike a :class:`JsonlLog` (which a crash may tear and which skips what it cannot read), an
+    input file is what its author wrote: a bad line is an error.
+
+    Raises:
+        DataError: the file is not UTF-8, or a line is not JSON (naming the file and line).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None

@@ -16,6 +16,7 @@ from typing import Any
 from prisp.data.lamp import ProfileItem, Query, group_by_user, parse_profile, read_json
 from prisp.data.tasks import label_set, normalize_task_name
 from prisp.errors import DataError
+from prisp.files import read_jsonl
 
 # Ids become store directories and vLLM adapter names: no separators, no leading dot, bounded length.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}$")
@@ -117,18 +118,7 @@ def _questions_jobs(raw: Any, task: str, path: Path) -> tuple[list[UserJob], lis
 def _jsonl_jobs(path: Path, task: str) -> list[UserJob]:
     """Users of a JSON-lines file, one ``{"user_id": ..., "items": [...]}`` per line."""
     jobs: dict[str, UserJob] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    for where, rec in read_jsonl(path):
         if not isinstance(rec, dict) or "user_id" not in rec:
             raise DataError(f"{where}: expected an object with 'user_id' and 'items'")
         user_id = str(rec["user_id"])

@@ -15,6 +15,7 @@ from typing import Any
 
 from prisp.data.tasks import get_task, normalize_task_name
 from prisp.errors import DataError
+from prisp.files import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,11 @@ def read_json(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
+    if path.suffix.lower() == ".jsonl":
+        return [record for _, record in read_jsonl(path)]
     try:
         with path.open(encoding="utf-8") as handle:
-            if path.suffix.lower() != ".jsonl":
-                return json.load(handle)
-            records = []
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-            return records
+            return json.load(handle)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except UnicodeDecodeError as exc:

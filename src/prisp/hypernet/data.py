@@ -9,7 +9,6 @@ description drawn at random for it (seeded, and drawn afresh for each epoch).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from prisp.data.examples import Example
 from prisp.errors import DataError
+from prisp.files import read_jsonl
 
 SPLITS = ("train", "heldout")
 
@@ -162,20 +162,12 @@ def load_sni(path: str | os.PathLike) -> SniData:
         raise DataError(f"SNI task file {path} does not exist (set --data or $PRISP_SNI)")
     tasks: list[SniTask] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            task = parse_task(record, where)
-            if task.name in seen:
-                raise DataError(f"{where}: duplicate task {task.name}")
-            seen.add(task.name)
-            tasks.append(task)
+    for where, record in read_jsonl(path):
+        task = parse_task(record, where)
+        if task.name in seen:
+            raise DataError(f"{where}: duplicate task {task.name}")
+        seen.add(task.name)
+        tasks.append(task)
     if not tasks:
         raise DataError(f"SNI task file {path} holds no tasks")
     return SniData(tasks=tasks, sha256=file_sha256(path), path=str(path))
