@@ -48,12 +48,16 @@ from prisp.data.protocol import recent_items
 from prisp.generation import format_prompt
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
+from prisp.serve.auth import hash_token, issue_token
 from prisp.serve.config import ServeConfig, ServeLimits
 from prisp.serve.embedded import EmbeddedServer, serve_in_thread
 from prisp.serve.keys import generate_key
 from prisp.serve.store import SaveRequest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+ADMIN = issue_token().token  # this run's admin token: creating users needs it
 
 
 def resolve_data(data: str | None) -> Path:
@@ -73,7 +77,7 @@ def seeded_adapter(model, like: LoraWeights, seed: int, scale: float = 0.01) -> 
 def create_users(client: httpx.Client, n: int) -> list[tuple[str, dict]]:
     users = []
     for _ in range(n):
-        response = client.post("/v1/users")
+        response = client.post("/v1/users", headers={"Authorization": f"Bearer {ADMIN}"})
         response.raise_for_status()
         body = response.json()
         users.append((body["user_id"], {"Authorization": f"Bearer {body['token']}"}))
@@ -268,6 +272,7 @@ def main() -> None:
         config = ServeConfig(
             store=Path(tmp) / "store",
             model=args.model,
+            admin_token_hash=hash_token(ADMIN),
             anchors=anchors,
             random_anchors=not anchors,
             cache_size=args.cache_size,

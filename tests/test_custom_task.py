@@ -200,7 +200,7 @@ def test_the_server_serves_a_custom_task_file(tiny_model_dir, hypernet_dir, tmp_
 
     anchor = tmp_path / "anchor"
     ok(invoke("anchor", "--task", SPEC, "--hypernet", hypernet_dir, "--model", tiny_model_dir, "--out", anchor))
-    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), task_files=(SPEC,),
+    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), task_files=(SPEC,), open_registration=True,
                          anchors={"support-reply": anchor}, personalize=PersonalizeConfig(progress=False))
     items = [json.loads(line) for line in (EXAMPLE / "history.jsonl").read_text().splitlines()]
     with serve_in_thread(config, generate_key(), start_timeout=30) as live, live.client() as client:

@@ -20,6 +20,7 @@ from prisp.generation import GenerationConfig, generate
 from prisp.models import load_model
 from prisp.personalize import PersonalizeConfig
 from prisp.scoring import score_labels
+from prisp.serve.auth import hash_token, issue_token
 from prisp.serve.config import ServeConfig, ServeLimits
 from prisp.serve.embedded import EmbeddedServer, serve_in_thread
 from prisp.serve.keys import generate_key
@@ -29,6 +30,10 @@ from prisp.serve.store import DB_NAME, SaveRequest
 LIMITS = ServeLimits(max_body_bytes=64_000, max_items=20, max_text_chars=2_000, max_input_chars=2_000,
                      max_new_tokens=12)
 TEXT = "The city council approved the new budget after a long debate."
+
+ADMIN = issue_token().token  # the servers of this module run with an admin token; users are created with it
+ADMIN_HASH = hash_token(ADMIN)
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 
 def lamp4_items(n: int, tag: str = "") -> list[dict]:
@@ -65,7 +70,8 @@ def anchors(tmp_path_factory, tiny, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_model_dir, anchors):
-    config = ServeConfig(store=tmp_path_factory.mktemp("serve") / "store", model=str(tiny_model_dir),
+    config = ServeConfig(admin_token_hash=ADMIN_HASH, store=tmp_path_factory.mktemp("serve") / "store",
+                         model=str(tiny_model_dir),
                          anchors=anchors, limits=LIMITS,
                          personalize=PersonalizeConfig(lr=1e-2, progress=False))
     server = start_server(config, generate_key())
@@ -80,7 +86,7 @@ def client(live):
 
 
 def new_user(client) -> tuple[str, dict]:
-    response = client.post("/v1/users")
+    response = client.post("/v1/users", headers=ADMIN_HEADERS)
     assert response.status_code == 201, response.text
     body = response.json()
     return body["user_id"], {"Authorization": f"Bearer {body['token']}"}
@@ -232,7 +238,8 @@ def test_concurrent_users_get_their_own_adapters(live, client, tiny):
 def test_batched_http_requests_of_interleaved_users_get_their_own_answers(tmp_path, tiny_model_dir, anchors,
                                                                            tiny):
     """48 requests of 4 users (3 adapters, 1 on the anchor) from 8 client threads share batched forwards."""
-    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), anchors=anchors, limits=LIMITS,
+    config = ServeConfig(admin_token_hash=ADMIN_HASH, store=tmp_path / "store", model=str(tiny_model_dir),
+                         anchors=anchors, limits=LIMITS,
                          batch_window_ms=100, max_batch=8, adapter_slots=8)
     server = start_server(config, generate_key())
     texts = ["Short news.", TEXT, TEXT + " The mayor said the vote was close; the debate went on all night."]
@@ -503,13 +510,14 @@ def test_fuzzed_requests_never_get_a_5xx(live):
 
 def test_tuned_schedule_refuses_jobs_for_tasks_it_does_not_cover(tmp_path, tiny, tiny_model_dir, anchors, caplog):
     """``--schedule tuned`` serves LaMP-7 (no searched row) but refuses to personalize it, up front (422)."""
-    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), anchors=anchors, limits=LIMITS,
+    config = ServeConfig(admin_token_hash=ADMIN_HASH, store=tmp_path / "store", model=str(tiny_model_dir),
+                         anchors=anchors, limits=LIMITS,
                          personalize=PersonalizeConfig(schedule="tuned", progress=False))
     with caplog.at_level("WARNING"):
         service = PrispService(config, generate_key(), tiny)
     try:
         assert "no Stage-2 row for LaMP-7" in caplog.text and "LaMP-4" not in caplog.text.split("row for")[1]
-        issued = service.create_user()
+        issued = service.create_user(ADMIN)
         with pytest.raises(PrispError, match="no tuned Stage-2 schedule for prisp on LaMP-7"):
             service.start_job(issued.user_id, issued.token, "LaMP-7", lamp4_items(2), update=False)
         assert service.store.current(issued.user_id, "LaMP-7") is None
@@ -518,13 +526,63 @@ def test_tuned_schedule_refuses_jobs_for_tasks_it_does_not_cover(tmp_path, tiny,
 
 
 def test_update_is_refused_under_oppu_instead_of_growing_the_rank(tmp_path, tiny, tiny_model_dir, anchors):
-    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), anchors=anchors, limits=LIMITS,
+    config = ServeConfig(admin_token_hash=ADMIN_HASH, store=tmp_path / "store", model=str(tiny_model_dir),
+                         anchors=anchors, limits=LIMITS,
                          personalize=PersonalizeConfig(strategy="oppu", progress=False))
     service = PrispService(config, generate_key(), tiny)
     try:
-        issued = service.create_user()
+        issued = service.create_user(ADMIN)
         with pytest.raises(PrispError, match="update is not available under --strategy oppu") as refused:
             service.start_job(issued.user_id, issued.token, "LaMP-4", lamp4_items(2), update=True)
         assert refused.value.status == 422 and service.store.current(issued.user_id, "LaMP-4") is None
     finally:
         service.close()
+
+
+def test_only_the_admin_creates_lists_and_deletes_any_user(live, client):
+    assert client.post("/v1/users").status_code == 401  # no token
+    assert client.post("/v1/users", headers={"Authorization": "Bearer nobody_" + "x" * 40}).status_code == 401
+    user, headers = new_user(client)
+    refused = client.post("/v1/users", headers=headers)  # a user's own token cannot create users
+    assert refused.status_code == 403 and "admin token" in refused.json()["detail"]
+    assert client.get("/v1/users", headers=headers).status_code == 403
+    assert run_job(client, user, headers, lamp4_items(2))["status"] == "succeeded"
+    listing = client.get("/v1/users", headers=ADMIN_HEADERS)
+    assert listing.status_code == 200
+    entry = next(u for u in listing.json()["users"] if u["user_id"] == user)
+    assert [(a["task"], a["version"]) for a in entry["adapters"]] == [("LaMP-4", 1)]
+    assert entry["adapters"][0]["size_bytes"] > 1000
+    assert "token" not in listing.text and headers["Authorization"].split()[1] not in listing.text
+    other, other_headers = new_user(client)
+    assert client.delete(f"/v1/users/{other}", headers=headers).status_code == 403  # not another user's
+    gone = client.delete(f"/v1/users/{other}", headers=ADMIN_HEADERS)
+    assert gone.status_code == 200 and gone.json()["deleted"]
+    assert client.delete(f"/v1/users/{other}", headers=ADMIN_HEADERS).status_code == 404
+    assert other not in client.get("/v1/users", headers=ADMIN_HEADERS).text
+    assert client.post(f"/v1/users/{other}/generate", json={"task": "LaMP-4", "input": TEXT},
+                       headers=other_headers).status_code == 401  # the token died with the user
+
+
+def test_quotas_answer_429_with_retry_after(tmp_path, tiny, tiny_model_dir, anchors):
+    limits = ServeLimits(max_new_tokens=LIMITS.max_new_tokens, max_jobs_per_hour=2, max_adapters=1)
+    config = ServeConfig(admin_token_hash=ADMIN_HASH, store=tmp_path / "store", model=str(tiny_model_dir),
+                         anchors=anchors, limits=limits, personalize=PersonalizeConfig(lr=1e-2, progress=False))
+    with serve_in_thread(config, generate_key(), tiny, start_timeout=30) as server, server.client() as c:
+        user, headers = new_user(c)
+        assert run_job(c, user, headers, lamp4_items(2))["status"] == "succeeded"
+        other_task = c.post(f"/v1/users/{user}/personalize", headers=headers,
+                            json={"task": "LaMP-7", "items": [{"id": "1", "text": "rain again"}]})
+        assert other_task.status_code == 429 and "at most 1 tasks" in other_task.json()["detail"]
+        assert run_job(c, user, headers, lamp4_items(2), kind="update")["status"] == "succeeded"
+        third = c.post(f"/v1/users/{user}/update", headers=headers, json={"task": "LaMP-4", "items": lamp4_items(1)})
+        assert third.status_code == 429 and 3000 < int(third.headers["Retry-After"]) <= 3600
+        second_user, second_headers = new_user(c)  # quotas are per user
+        assert run_job(c, second_user, second_headers, lamp4_items(1))["status"] == "succeeded"
+
+
+def test_admin_credentials_are_required_or_registration_is_explicitly_open(tmp_path, tiny_model_dir, anchors):
+    with pytest.raises(PrispError, match="no admin credentials"):
+        ServeConfig(store=tmp_path / "s", model=str(tiny_model_dir), anchors=anchors)
+    with pytest.raises(PrispError, match="64 lowercase hex"):
+        ServeConfig(store=tmp_path / "s", model=str(tiny_model_dir), anchors=anchors, admin_token_hash="abc")
+    assert ServeConfig(store=tmp_path / "s", model=str(tiny_model_dir), anchors=anchors, open_registration=True)

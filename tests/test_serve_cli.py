@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 
 from prisp.adapters import LoraSpec, load_adapter, random_init, save_adapter
 from prisp.models import load_model
-from prisp.serve.auth import issue_token
+from prisp.serve.auth import ADMIN_ENV, issue_token
+
+ADMIN = issue_token().token
 from prisp.serve.cli import serve_app
 from prisp.serve.keys import KEY_ENV, decode_key, generate_key
 from prisp.serve.store import AdapterStore, SaveRequest
@@ -119,8 +121,9 @@ def test_serve_command_runs_the_api(tmp_path, tiny_model_dir, tiny, monkeypatch)
     key = generate_key().encode()
     result = invoke(["--store", str(tmp_path / "store"), "--model", str(tiny_model_dir), "--port", "8123",
                      "--anchor", f"lamp_4={anchor_dir}", "--batch-window-ms", "2.5", "--max-batch", "4",
-                     "--adapter-slots", "6"], env={KEY_ENV: key})
+                     "--adapter-slots", "6", "--open-registration"], env={KEY_ENV: key})
     assert result.exit_code == 0, result.stderr
+    assert "--open-registration: anyone who reaches the port can create users" in result.stderr
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
     assert seen["batching"] == (2.5, 4, 6)
     assert seen["health"]["tasks"] == ["LaMP-4"]
@@ -171,7 +174,7 @@ def test_real_server_process_with_the_default_model(tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, KEY_ENV: generate_key().encode(), "PRISP_THREADS": "1"}
+    env = {**os.environ, KEY_ENV: generate_key().encode(), "PRISP_THREADS": "1", ADMIN_ENV: ADMIN}
     entry = "from prisp.serve.cli import serve_app; serve_app(prog_name='prisp serve')"
     command = [sys.executable, "-c", entry, "--store", str(tmp_path / "store"), "--random-anchors",
                "--port", str(port), "--threads", "1"]
@@ -201,7 +204,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
 
 
 def _exercise(client: httpx.Client) -> None:
-    user = client.post("/v1/users").json()
+    assert client.post("/v1/users").status_code == 401  # creating users takes the admin token
+    user = client.post("/v1/users", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     headers = {"Authorization": f"Bearer {user['token']}"}
     base = f"/v1/users/{user['user_id']}"
     items = [{"id": str(i), "text": f"The council met on day {i} and approved the budget.",
@@ -241,7 +245,8 @@ def test_without_anchor_options_every_task_gets_its_anchor_from_text_once(tmp_pa
     from prisp.serve.config import ServeConfig
     from prisp.serve.embedded import serve_in_thread
 
-    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), hypernet=tiny_hypernet_dir)
+    config = ServeConfig(store=tmp_path / "store", model=str(tiny_model_dir), hypernet=tiny_hypernet_dir,
+                         open_registration=True)
     assert config.text_anchors
     key = generate_key()
     with serve_in_thread(config, key, start_timeout=60) as live:
@@ -259,3 +264,25 @@ def test_without_anchor_options_every_task_gets_its_anchor_from_text_once(tmp_pa
         assert all(torch.equal(first[t].to_peft_state_dict()[k], v)
                    for t in first for k, v in second[t].to_peft_state_dict().items())
     assert stamps == {p: p.stat().st_mtime_ns for p in cache}
+
+
+def test_admin_token_command_writes_only_the_hash(tmp_path):
+    from prisp.errors import PrispError
+    from prisp.serve.auth import hash_token, load_admin_hash
+
+    out = tmp_path / "admin.hash"
+    result = invoke(["admin-token", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    token = result.stdout.strip()
+    assert token.startswith("prisp_") and token not in out.read_text()
+    assert out.read_text() == f"sha256:{hash_token(token)}\n" and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert load_admin_hash(out) == hash_token(token)
+    assert load_admin_hash(None, {ADMIN_ENV: token}) == hash_token(token)
+    assert load_admin_hash(None, {}) is None
+    assert invoke(["admin-token", "--out", str(out)]).exit_code == 2  # never overwritten
+    with pytest.raises(PrispError, match="at least 32"):
+        load_admin_hash(None, {ADMIN_ENV: "short"})
+    bad = tmp_path / "bad.hash"
+    bad.write_text(token)  # the token itself instead of its hash
+    with pytest.raises(PrispError, match="sha256:<64 hex digits>"):
+        load_admin_hash(bad)

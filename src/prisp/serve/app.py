@@ -35,6 +35,7 @@ from prisp.serve.schemas import (
     JobState,
     PersonalizeRequest,
     UserCreated,
+    UserList,
 )
 from prisp.serve.service import PrispService, ServeError
 from prisp.serve.store import UnknownUserError, VersionConflictError
@@ -66,11 +67,18 @@ def healthz(service: Service) -> Health:
     return Health(status="ok", model=service.model_name, tasks=sorted(service.anchors))
 
 
-@router.post("/v1/users", response_model=UserCreated, status_code=201, tags=["users"])
-def create_user(service: Service) -> UserCreated:
-    """Create a user; returns their bearer token once (only its hash is kept)."""
-    issued = service.create_user()
+@router.post("/v1/users", response_model=UserCreated, status_code=201, responses=_ERRORS, tags=["users"])
+def create_user(token: Token, service: Service) -> UserCreated:
+    """Create a user (admin token, unless the server runs with open registration); returns their bearer token
+    once (only its hash is kept)."""
+    issued = service.create_user(token)
     return UserCreated(user_id=issued.user_id, token=issued.token)
+
+
+@router.get("/v1/users", response_model=UserList, responses=_ERRORS, tags=["users"])
+def list_users(token: Token, service: Service) -> UserList:
+    """Every user with their adapters' tasks, versions and sizes (admin token only; no tokens, no user data)."""
+    return UserList(users=service.list_users(token))
 
 
 @router.post("/v1/users/{user_id}/personalize", response_model=JobAccepted, status_code=202,
@@ -107,7 +115,8 @@ def generate(body: GenerateRequest, user_id: UserId, token: Token, service: Serv
 
 @router.delete("/v1/users/{user_id}", response_model=Deleted, responses=_ERRORS, tags=["users"])
 def delete_user(user_id: UserId, token: Token, service: Service) -> Deleted:
-    """Erase the user: adapters, metadata, cache entries, pending jobs and the account (token revoked)."""
+    """Erase the user: adapters, metadata, cache entries, pending jobs and the account (token revoked). The
+    user's own token or the admin token."""
     removed = service.delete_user(user_id, token)
     return Deleted(user_id=user_id, deleted=True, adapters_removed=removed)
 
@@ -168,6 +177,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if status >= 500:
             logger.error("%s %s: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {"Retry-After": str(retry_after)}
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+from prisp.errors import PrispError
 
 TOKEN_PREFIX = "prisp_"
 # Always fullmatch: with match(), "$" also matches before a trailing newline ("u_<hex>\n" would pass).
@@ -63,3 +68,40 @@ def bearer_token(authorization: str | None) -> str | None:
 def valid_user_id(user_id: str) -> bool:
     """Whether ``user_id`` has the shape the server issues (also guards path traversal)."""
     return bool(USER_ID_RE.fullmatch(user_id))
+
+
+ADMIN_ENV = "PRISP_ADMIN_TOKEN"
+_ADMIN_HASH_RE = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+def admin_hash_line(token_hash: str) -> str:
+    """The one line an admin token file holds: the token's hash, never the token."""
+    return f"sha256:{token_hash}\n"
+
+
+def load_admin_hash(token_file: Path | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token's hash: from ``token_file`` (written by ``prisp serve admin-token``), else from
+    ``$PRISP_ADMIN_TOKEN`` (the token itself, hashed here and kept only as the hash); None when neither is set.
+
+    Raises:
+        PrispError: an unreadable or malformed file, or a malformed token (one line).
+    """
+    environ = os.environ if environ is None else environ
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PrispError(f"cannot read admin token file {token_file}: {getattr(exc, 'strerror', None) or exc}") \
+                from None
+        match = _ADMIN_HASH_RE.fullmatch(text)
+        if not match:
+            raise PrispError(f"admin token file {token_file} must hold one line 'sha256:<64 hex digits>' (write it "
+                             "with `prisp serve admin-token --out FILE`)")
+        return match.group(1)
+    token = environ.get(ADMIN_ENV)
+    if token:
+        if not bearer_token(f"Bearer {token}") or len(token) < 32:
+            raise PrispError(f"{ADMIN_ENV} must be a token of at least 32 URL-safe characters "
+                             "(`prisp serve admin-token` makes one)")
+        return hash_token(token)
+    return None

@@ -41,6 +41,12 @@ def serve(
     hypernet: Path | None = typer.Option(None, help="With no anchor option: the hypernetwork that makes every "
                                                     "task's anchor from its description [default: the shipped one]."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
+    admin_token_file: Path | None = typer.Option(None, help="The admin token's hash (`prisp serve admin-token "
+                                                            "--out FILE`) [default: $PRISP_ADMIN_TOKEN]."),
+    open_registration: bool = typer.Option(False, help="Let anyone who reaches the port create users (no admin "
+                                                       "token needed)."),
+    max_jobs_per_hour: int = typer.Option(30, help="Most personalize/update jobs per user per hour (429 above)."),
+    max_adapters: int = typer.Option(16, help="Most tasks a user may hold an adapter for (429 above)."),
     strategy: str = typer.Option("prisp", help="Stage 2 strategy of personalize/update jobs."),
     schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
     lr: float | None = typer.Option(None, help="Stage 2 learning rate [default: the schedule's for the task]."),
@@ -57,12 +63,14 @@ def serve(
         return
     from prisp.data.tasks import get_task
     from prisp.personalize import PersonalizeConfig
+    from prisp.serve.auth import load_admin_hash
     from prisp.serve.config import ServeConfig, ServeLimits, parse_anchor_option
     from prisp.serve.keys import load_key
 
     if store is None:
         raise PrispError("--store DIR is required to run the server")
     key = load_key(key_file)  # before loading anything: no key, no server
+    admin_hash = load_admin_hash(admin_token_file)
     for path in task_file:  # before the anchors, which may name these tasks
         get_task(str(path))
     config = ServeConfig(
@@ -70,7 +78,9 @@ def serve(
         task_files=tuple(task_file),
         anchors_dir=anchors_dir, random_anchors=random_anchors, hypernet=hypernet, cache_size=cache_size, threads=resolve_threads(threads),
         personalize=PersonalizeConfig(strategy=strategy, schedule=schedule, lr=lr, progress=False),
-        limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items),
+        limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items, max_jobs_per_hour=max_jobs_per_hour,
+                           max_adapters=max_adapters),
+        admin_token_hash=admin_hash, open_registration=open_registration,
         batch_window_ms=batch_window_ms, max_batch=max_batch, adapter_slots=adapter_slots,
     )
     _run_server(config, key)
@@ -86,6 +96,9 @@ def _run_server(config, key) -> None:
     hf_logging.set_verbosity_error()
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.open_registration:
+        typer.echo("prisp: warning: --open-registration: anyone who reaches the port can create users and queue "
+                   "personalization jobs", err=True)
     if not _is_loopback(config.host):
         typer.echo(f"prisp: warning: listening on {config.host}; bearer tokens travel in clear text unless a "
                    "TLS proxy terminates the connections", err=True)
@@ -105,6 +118,23 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+@serve_app.command("admin-token")
+@friendly
+def admin_token(out: Path = typer.Option(..., help="File for the token's hash (mode 0600); the server reads it "
+                                                    "with --admin-token-file.")) -> None:
+    """Make an admin token: prints it once and writes only its hash to --out."""
+    from prisp.serve.auth import admin_hash_line, issue_token
+
+    if out.exists():
+        raise PrispError(f"refusing to overwrite {out}")
+    issued = issue_token()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(admin_hash_line(issued.token_hash))
+    typer.echo(issued.token)
+    typer.echo(f"the admin token above is shown once; {out} holds only its hash", err=True)
 
 
 @serve_app.command("keygen")
@@ -155,6 +185,12 @@ def export(
     task: str = typer.Option(..., help="LaMP task."),
     out: Path = typer.Option(..., help="Output peft adapter directory (PLAINTEXT: protect it)."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
+    admin_token_file: Path | None = typer.Option(None, help="The admin token's hash (`prisp serve admin-token "
+                                                            "--out FILE`) [default: $PRISP_ADMIN_TOKEN]."),
+    open_registration: bool = typer.Option(False, help="Let anyone who reaches the port create users (no admin "
+                                                       "token needed)."),
+    max_jobs_per_hour: int = typer.Option(30, help="Most personalize/update jobs per user per hour (429 above)."),
+    max_adapters: int = typer.Option(16, help="Most tasks a user may hold an adapter for (429 above)."),
 ) -> None:
     """Decrypt a user's current adapter to a plain peft directory (e.g. for vLLM multi-LoRA serving)."""
     from prisp.adapters import save_adapter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ class ServeLimits:
         max_input_chars: Longest ``input`` of a generate request.
         max_new_tokens: Cap on the answer length (the task's own budget is used below it).
         max_pending_jobs: Most queued or running jobs in the whole process (429 above it).
+        max_jobs_per_hour: Most personalize/update jobs one user may start in any hour (429 + Retry-After).
+        max_adapters: Most tasks one user may hold an adapter for (429 for a new task above it).
     """
 
     max_body_bytes: int = 1_000_000
@@ -31,6 +34,8 @@ class ServeLimits:
     max_input_chars: int = 20_000
     max_new_tokens: int = 64
     max_pending_jobs: int = 32
+    max_jobs_per_hour: int = 30
+    max_adapters: int = 16
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -60,6 +65,8 @@ class ServeConfig:
         anchors_dir: Directory holding one anchor per task.
         random_anchors: Serve every task from a random-init anchor when no other anchor names it.
         hypernet: The hypernetwork checkpoint for anchors from text (default: the one shipped for ``model``).
+        admin_token_hash: SHA-256 (hex) of the admin token, which alone creates, lists and deletes any user.
+        open_registration: Let anyone who reaches the port create users (no admin token needed).
         personalize: Stage 2 options used by jobs (strategy, k, lr ...); ``progress`` is forced off.
         cache_size: Decrypted adapters kept in memory (LRU, keyed by user and version).
         threads: torch CPU threads (None: leave torch's default).
@@ -80,6 +87,8 @@ class ServeConfig:
     anchors_dir: Path | None = None
     random_anchors: bool = False
     hypernet: Path | None = None
+    admin_token_hash: str | None = None
+    open_registration: bool = False
     personalize: PersonalizeConfig = field(default_factory=lambda: PersonalizeConfig(progress=False))
     cache_size: int = 64
     threads: int | None = None
@@ -118,6 +127,12 @@ class ServeConfig:
             raise PrispError(f"no anchors given and no hypernetwork is shipped for model {self.model!r} to make "
                              "them from text: pass --hypernet PATH, --anchor TASK=DIR, --anchors-dir DIR or "
                              "--random-anchors")
+        if self.admin_token_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", self.admin_token_hash):
+            raise PrispError("admin_token_hash must be 64 lowercase hex digits (SHA-256)")
+        if self.admin_token_hash is None and not self.open_registration:
+            raise PrispError("no admin credentials, so nobody could create users: set PRISP_ADMIN_TOKEN or "
+                             "--admin-token-file FILE (`prisp serve admin-token --out FILE`), or pass "
+                             "--open-registration to let anyone who reaches the port create users")
         if self.personalize.progress:
             # Jobs run in a background thread of a server: a progress bar there would only garble the log.
             object.__setattr__(self, "personalize", replace(self.personalize, progress=False))

@@ -72,6 +72,29 @@ class Generated(BaseModel):
     adapter_version: int | None
 
 
+class AdapterInfo(BaseModel):
+    """One of a user's adapters, as the admin listing shows it (no user data)."""
+
+    task: str
+    version: int
+    size_bytes: int
+    updated_at: float
+
+
+class UserInfo(BaseModel):
+    """A user in the admin listing: id, creation time and adapters; never the token."""
+
+    user_id: str
+    created_at: float
+    adapters: list[AdapterInfo]
+
+
+class UserList(BaseModel):
+    """Every user of the store (admin only)."""
+
+    users: list[UserInfo]
+
+
 class Deleted(BaseModel):
     """What a deletion removed."""
 

@@ -7,7 +7,10 @@ hash, so one user's token can never reach another user's adapter, job or account
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +59,16 @@ class PayloadTooLarge(ServeError):
     status = 413
 
 
+class TooManyRequests(ServeError):
+    """Over a quota; ``retry_after`` (seconds) when waiting helps, sent as the Retry-After header."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PrispService:
     """The serving process's state: store, anchors, cache, model and job queue."""
 
@@ -88,6 +101,9 @@ class PrispService:
         self._adapters_lock = threading.RLock()
         # Bumped by every deletion; a job started before one discards its result instead of resurrecting data.
         self._erasures: dict[str, int] = {}
+        # Start times of each user's jobs within the last hour (the hourly quota; in memory, reset by a restart).
+        self._job_times: dict[str, deque[float]] = {}
+        self._quota_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the job worker (waits for a running job) and the batcher, then close the store."""
@@ -97,14 +113,42 @@ class PrispService:
 
     # ---- users and tokens ----------------------------------------------------------------------
 
-    def create_user(self) -> IssuedToken:
-        """A new user with a fresh token (the token itself is never stored)."""
+    def is_admin(self, token: str | None) -> bool:
+        return bool(token) and self.config.admin_token_hash is not None and \
+            token_matches(self.config.admin_token_hash, token)
+
+    def require_admin(self, token: str | None, action: str) -> None:
+        """Raises Unauthorized (no token, unknown token) or Forbidden (a user's token) unless ``token`` is the
+        admin's."""
+        if self.is_admin(token):
+            return
+        if not token:
+            raise Unauthorized(f"{action} needs the admin token (send 'Authorization: Bearer <admin token>')")
+        if self.store.user_for_token_hash(hash_token(token)) is not None:
+            raise Forbidden(f"{action} needs the admin token; a user's token cannot")
+        raise Unauthorized("invalid bearer token")
+
+    def create_user(self, token: str | None = None) -> IssuedToken:
+        """A new user with a fresh token (the token itself is never stored); admin only unless the server runs
+        with open registration."""
+        if not self.config.open_registration:
+            self.require_admin(token, "creating users")
         issued = issue_token()
         self.store.create_user(issued.user_id, issued.token_hash)
         return issued
 
-    def authorize(self, user_id: str, token: str | None) -> None:
-        """Allow only ``user_id``'s own token.
+    def list_users(self, token: str | None) -> list[dict]:
+        """Every user with their adapters' tasks, versions and sizes (admin only; never tokens or user data)."""
+        self.require_admin(token, "listing users")
+        listing = []
+        for user_id, created_at in self.store.users():
+            adapters = [{"task": r.task, "version": r.version, "size_bytes": self.store.size_of(r),
+                         "updated_at": r.updated_at} for r in self.store.adapters(user_id)]
+            listing.append({"user_id": user_id, "created_at": created_at, "adapters": adapters})
+        return listing
+
+    def authorize(self, user_id: str, token: str | None, admin: bool = False) -> None:
+        """Allow only ``user_id``'s own token (and the admin token where ``admin``).
 
         Raises:
             Unauthorized: No token, or a token that belongs to nobody.
@@ -112,6 +156,10 @@ class PrispService:
         """
         if not token:
             raise Unauthorized("missing bearer token (send 'Authorization: Bearer <token>')")
+        if admin and self.is_admin(token):
+            if not (valid_user_id(user_id) and self.store.user_exists(user_id)):
+                raise NotFound(f"unknown user {user_id!r}")
+            return
         stored = self.store.token_hash(user_id) if valid_user_id(user_id) else None
         if token_matches(stored, token):
             return
@@ -168,17 +216,34 @@ class PrispService:
             # OPPU stacks a fresh LoRA on its start: every update would add another r to the adapter's rank.
             raise ServeError(f"update is not available under --strategy {self.config.personalize.strategy} (each "
                              "update would grow the adapter's rank); POST /v1/users/{user_id}/personalize instead")
+        current = self.store.current(user_id, task)
         if update:
-            current = self.store.current(user_id, task)
             if current is None:
                 raise Conflict(f"no adapter for {task} yet; POST /v1/users/{{user_id}}/personalize first")
             continues = current.version
+        elif current is None and len(self.store.adapters(user_id)) >= self.limits.max_adapters:
+            raise TooManyRequests(f"quota: at most {self.limits.max_adapters} tasks with an adapter per user; "
+                                  "DELETE /v1/users/{user_id}/adapters to free them")
+        self._take_job_slot(user_id)
         erasure = self._erasures.get(user_id, 0)
 
         def work() -> int:  # closes over this request's validated items
             return self._train(user_id, task, history, continues, erasure)
 
         return self.jobs.submit(user_id, task, "update" if update else "personalize", work)
+
+    def _take_job_slot(self, user_id: str) -> None:
+        """Count one job against the user's hourly quota (a sliding hour), or refuse with the wait."""
+        now = time.monotonic()
+        with self._quota_lock:
+            started = self._job_times.setdefault(user_id, deque())
+            while started and now - started[0] >= 3600:
+                started.popleft()
+            if len(started) >= self.limits.max_jobs_per_hour:
+                wait = max(1, math.ceil(3600 - (now - started[0])))
+                raise TooManyRequests(f"quota: at most {self.limits.max_jobs_per_hour} jobs per hour per user; "
+                                      f"retry in {wait} s", retry_after=wait)
+            started.append(now)
 
     def job(self, job_id: str, token: str | None) -> Job:
         """A job's state, for its owner only."""
@@ -265,14 +330,17 @@ class PrispService:
     # ---- deletion ------------------------------------------------------------------------------
 
     def delete_user(self, user_id: str, token: str | None) -> int:
-        """Erase a user: jobs, cache entries, adapter files and rows, and the account itself."""
-        self.authorize(user_id, token)
+        """Erase a user: jobs, cache entries, adapter files and rows, and the account itself (the user's own
+        token or the admin token)."""
+        self.authorize(user_id, token, admin=True)
         with self._adapters_lock:
             removed = len(self.store.adapters(user_id))
             self._erasures[user_id] = self._erasures.get(user_id, 0) + 1
             self.jobs.forget_user(user_id)
             self.store.delete_user(user_id)
             self.cache.drop_user(user_id)
+            with self._quota_lock:
+                self._job_times.pop(user_id, None)
         self.engine.forget(user_id)  # unload them from the serving model's slots too
         logger.info("deleted user %s (%d adapters)", user_id, removed)
         return removed

@@ -203,6 +203,18 @@ class AdapterStore:
             row = self._db.execute("SELECT user_id FROM users WHERE token_hash = ?", (token_hash,)).fetchone()
         return row[0] if row else None
 
+    def users(self) -> list[tuple[str, float]]:
+        """Every user id with its creation time, oldest first (for the admin listing; no tokens)."""
+        rows = self._db.execute("SELECT user_id, created_at FROM users ORDER BY created_at, user_id").fetchall()
+        return [(row[0], float(row[1])) for row in rows]
+
+    def size_of(self, record: AdapterRecord) -> int:
+        """Bytes of a stored (sealed) adapter file; 0 when it is missing."""
+        try:
+            return (self.root / record.file).stat().st_size
+        except OSError:
+            return 0
+
     def user_exists(self, user_id: str) -> bool:
         """Whether ``user_id`` is a current user."""
         return self.token_hash(user_id) is not None
