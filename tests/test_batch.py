@@ -7,6 +7,7 @@ shared by the tests that inspect them, because starting workers costs far more t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import deque
 from dataclasses import replace
@@ -335,3 +336,29 @@ def test_cli_refuses_bad_input_with_one_line(tiny_model_dir, anchor_dir, tmp_pat
     result = invoke("personalize-batch", "--task", "LaMP-4", "--anchor", tmp_path, "--users", tmp_path / "nope",
                     "--out", tmp_path / "s", "--backend", "slurm")
     assert result.exit_code == 2 and "--backend must be one of local, ray" in result.stderr
+
+
+class _EnvProbe:
+    """A job that reports whether the worker process can see the store key."""
+
+    user_id = "probe"
+
+    def execute(self, context, outcome) -> None:
+        outcome.report = {"key_visible": bool(os.environ.get("PRISP_STORE_KEY"))}
+
+
+def test_workers_never_see_the_store_key(tiny_model_dir, anchor_dir, monkeypatch):
+    from prisp.batch.backends import LocalBackend
+    from prisp.batch.worker import WorkerSpec
+    from prisp.serve.keys import drop_key_from_environment
+
+    monkeypatch.setenv("PRISP_STORE_KEY", "a-key-the-workers-must-not-see")
+    backend = LocalBackend(WorkerSpec(str(tiny_model_dir), None, load_adapter(anchor_dir), "LaMP-4", (), 1), 1)
+    try:  # the pool starts while the driver still has the key: the worker initializer drops it
+        backend.submit(_EnvProbe())
+        _, outcome = backend.next_outcome()
+    finally:
+        backend.close()
+    assert outcome.error is None and outcome.report == {"key_visible": False}
+    assert drop_key_from_environment() and "PRISP_STORE_KEY" not in os.environ
+    assert not drop_key_from_environment()

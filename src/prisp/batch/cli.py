@@ -65,6 +65,9 @@ def personalize_batch_command(
     anchor_weights = load_adapter(anchor)
     plan = config.plan()
     with open_store(out, spec.name, key_file) as store:
+        from prisp.serve.keys import drop_key_from_environment
+
+        drop_key_from_environment()  # loaded (or unused): workers started below must not inherit it
         typer.echo(f"{len(user_set.jobs)} users from {users}; backend {backend}, "
                    f"{'cluster-sized' if ray_address and workers is None else plan.workers} workers x "
                    f"{plan.threads} threads -> {out}", err=True)

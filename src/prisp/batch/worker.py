@@ -215,6 +215,8 @@ def init_local_worker(spec: WorkerSpec) -> None:
     """
     global _CONTEXT, _START_ERROR
     quiet_worker()
+    # Workers never need the store key; a fork server started before the driver dropped it would pass it on.
+    os.environ.pop("PRISP_STORE_KEY", None)
     try:
         _CONTEXT = WorkerContext(spec)
     except Exception as exc:  # noqa: BLE001 - reported as a fatal outcome instead

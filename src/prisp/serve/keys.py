@@ -110,6 +110,13 @@ def load_key(key_file: Path | None = None, environ: Mapping[str, str] | None = N
                      "prints one) or pass --key-file")
 
 
+def drop_key_from_environment() -> bool:
+    """Remove ``$PRISP_STORE_KEY`` from this process's environment once the key is loaded, so processes
+    started afterwards (a batch's fork server and workers, a Ray cluster) never inherit it; returns whether
+    it was set."""
+    return os.environ.pop(KEY_ENV, None) is not None
+
+
 def slot_aad(store_id: str, user_id: str, task: str, version: int) -> bytes:
     """Associated data binding sealed bytes to exactly one adapter slot."""
     slot = {"store": store_id, "user": user_id, "task": task, "version": int(version)}
