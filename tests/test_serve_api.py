@@ -586,3 +586,63 @@ def test_admin_credentials_are_required_or_registration_is_explicitly_open(tmp_p
     with pytest.raises(PrispError, match="64 lowercase hex"):
         ServeConfig(store=tmp_path / "s", model=str(tiny_model_dir), anchors=anchors, admin_token_hash="abc")
     assert ServeConfig(store=tmp_path / "s", model=str(tiny_model_dir), anchors=anchors, open_registration=True)
+
+
+def test_job_records_survive_a_restart_and_unfinished_ones_read_failed(tmp_path, tiny, tiny_model_dir, anchors):
+    from prisp.serve.service import INTERRUPTED
+
+    config = ServeConfig(admin_token_hash=ADMIN_HASH, store=tmp_path / "store", model=str(tiny_model_dir),
+                         anchors=anchors, limits=LIMITS, personalize=PersonalizeConfig(lr=1e-2, progress=False))
+    key = generate_key()
+    service = PrispService(config, key, tiny)
+    try:
+        issued = service.create_user(ADMIN)
+        done = service.start_job(issued.user_id, issued.token, "LaMP-4", lamp4_items(2), update=False)
+        assert service.jobs.wait_idle(60)
+        # A job the process was running when it died: only its record is left behind.
+        service.store.save_job({"job_id": "j_" + "0" * 32, "user_id": issued.user_id, "task": "LaMP-4",
+                                "kind": "update", "status": "running", "created_at": time.time(),
+                                "started_at": time.time(), "finished_at": None, "adapter_version": None,
+                                "error": None})
+    finally:
+        service.close()
+    restarted = PrispService(config, key, tiny)
+    try:
+        finished = restarted.job(done.job_id, issued.token)
+        assert finished.status == "succeeded" and finished.adapter_version == 1
+        lost = restarted.job("j_" + "0" * 32, issued.token)
+        assert lost.status == "failed" and lost.error == INTERRUPTED and lost.finished_at is not None
+        assert "items" not in restarted.store.job_records()[0]  # records hold no user data
+        restarted.delete_user(issued.user_id, issued.token)
+        assert restarted.store.job_records() == []  # deletion purges the user's job records too
+    finally:
+        restarted.close()
+
+
+def test_a_job_past_its_timeout_fails_and_the_queue_moves_on():
+    from prisp.serve.jobs import JobQueue
+
+    records = []
+    queue = JobQueue(4, journal=records.append, timeout_s=0.3)
+    release, results = threading.Event(), []
+
+    def hangs(cancelled):
+        release.wait(10)
+        results.append(("hung job discards its result", cancelled()))
+        return 7
+
+    slow = queue.submit("u1", "LaMP-4", "personalize", hangs)
+    quick = queue.submit("u2", "LaMP-4", "personalize", lambda cancelled: 3)
+    assert queue.wait_idle(10)
+    assert queue.get(slow.job_id).status == "failed" and "timed out after 0 s" in queue.get(slow.job_id).error
+    assert queue.get(quick.job_id).status == "succeeded" and queue.get(quick.job_id).adapter_version == 3
+    release.set()
+    deadline = time.monotonic() + 10
+    while not results and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert results == [("hung job discards its result", True)]
+    time.sleep(0.05)
+    assert queue.get(slow.job_id).status == "failed"  # the late return changed nothing
+    statuses = [(r["job_id"], r["status"]) for r in records]
+    assert (slow.job_id, "running") in statuses and statuses[-1] != (slow.job_id, "succeeded")
+    queue.shutdown()

@@ -47,6 +47,7 @@ def serve(
                                                        "token needed)."),
     max_jobs_per_hour: int = typer.Option(30, help="Most personalize/update jobs per user per hour (429 above)."),
     max_adapters: int = typer.Option(16, help="Most tasks a user may hold an adapter for (429 above)."),
+    job_timeout_s: float = typer.Option(1800.0, help="A personalization job running longer is reported failed."),
     strategy: str = typer.Option("prisp", help="Stage 2 strategy of personalize/update jobs."),
     schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
     lr: float | None = typer.Option(None, help="Stage 2 learning rate [default: the schedule's for the task]."),
@@ -80,7 +81,7 @@ def serve(
         personalize=PersonalizeConfig(strategy=strategy, schedule=schedule, lr=lr, progress=False),
         limits=ServeLimits(max_body_bytes=max_body_bytes, max_items=max_items, max_jobs_per_hour=max_jobs_per_hour,
                            max_adapters=max_adapters),
-        admin_token_hash=admin_hash, open_registration=open_registration,
+        admin_token_hash=admin_hash, open_registration=open_registration, job_timeout_s=job_timeout_s,
         batch_window_ms=batch_window_ms, max_batch=max_batch, adapter_slots=adapter_slots,
     )
     _run_server(config, key)
@@ -191,6 +192,7 @@ def export(
                                                        "token needed)."),
     max_jobs_per_hour: int = typer.Option(30, help="Most personalize/update jobs per user per hour (429 above)."),
     max_adapters: int = typer.Option(16, help="Most tasks a user may hold an adapter for (429 above)."),
+    job_timeout_s: float = typer.Option(1800.0, help="A personalization job running longer is reported failed."),
 ) -> None:
     """Decrypt a user's current adapter to a plain peft directory (e.g. for vLLM multi-LoRA serving)."""
     from prisp.adapters import save_adapter

@@ -67,6 +67,7 @@ class ServeConfig:
         hypernet: The hypernetwork checkpoint for anchors from text (default: the one shipped for ``model``).
         admin_token_hash: SHA-256 (hex) of the admin token, which alone creates, lists and deletes any user.
         open_registration: Let anyone who reaches the port create users (no admin token needed).
+        job_timeout_s: A personalization job running longer is reported failed and the queue moves on.
         personalize: Stage 2 options used by jobs (strategy, k, lr ...); ``progress`` is forced off.
         cache_size: Decrypted adapters kept in memory (LRU, keyed by user and version).
         threads: torch CPU threads (None: leave torch's default).
@@ -89,6 +90,7 @@ class ServeConfig:
     hypernet: Path | None = None
     admin_token_hash: str | None = None
     open_registration: bool = False
+    job_timeout_s: float = 1800.0
     personalize: PersonalizeConfig = field(default_factory=lambda: PersonalizeConfig(progress=False))
     cache_size: int = 64
     threads: int | None = None
@@ -127,6 +129,8 @@ class ServeConfig:
             raise PrispError(f"no anchors given and no hypernetwork is shipped for model {self.model!r} to make "
                              "them from text: pass --hypernet PATH, --anchor TASK=DIR, --anchors-dir DIR or "
                              "--random-anchors")
+        if not 1 <= self.job_timeout_s <= 86400:
+            raise PrispError(f"--job-timeout-s must be in 1..86400, got {self.job_timeout_s}")
         if self.admin_token_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", self.admin_token_hash):
             raise PrispError("admin_token_hash must be 64 lowercase hex digits (SHA-256)")
         if self.admin_token_hash is None and not self.open_registration:

@@ -3,6 +3,11 @@
 One worker because Stage 2 on CPU already uses every torch thread and holds a full copy of the base
 model; two at once would only double peak memory. One pending job per user because an update must
 start from the version before it: two concurrent updates of one user would race for the same base.
+
+Every state change goes to a ``journal`` (the store's job table: ids, status, times, version, error; never the
+items), so a job's record outlives the process: at start the server marks jobs it finds queued or running as
+failed ("interrupted"). A job that runs past ``timeout_s`` is reported failed and the queue moves on; its
+thread cannot be killed, so it is abandoned and told (``cancelled()``) to discard its result.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from prisp.errors import PrispError
 
@@ -49,15 +54,20 @@ class Job:
 class JobQueue:
     """Runs ``work()`` callables (returning the new adapter version) one at a time, in order."""
 
-    def __init__(self, max_pending: int):
+    def __init__(self, max_pending: int, journal: Callable[[dict], None] | None = None,
+                 timeout_s: float | None = None, history: list[Job] = ()):
         self.max_pending = max_pending
-        self._jobs: dict[str, Job] = {}
+        self.timeout_s = timeout_s
+        self._journal = journal
+        self._jobs: dict[str, Job] = {job.job_id: job for job in history}
         self._futures: dict[str, Future] = {}
+        self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prisp-job")
 
-    def submit(self, user_id: str, task: str, kind: str, work: Callable[[], int]) -> Job:
-        """Queue ``work`` for ``user_id``.
+    def submit(self, user_id: str, task: str, kind: str, work: Callable[[Callable[[], bool]], int]) -> Job:
+        """Queue ``work(cancelled)`` for ``user_id``; ``cancelled()`` turns True once the job timed out or its user
+        was deleted, and the work must then discard its result.
 
         Raises:
             JobBusyError: The user already has a pending job.
@@ -75,13 +85,34 @@ class JobQueue:
                       status=QUEUED, created_at=time.time())
             self._jobs[job.job_id] = job
             self._futures[job.job_id] = self._executor.submit(self._run, job.job_id, work)
+        self._record(job)
         return job
 
-    def _run(self, job_id: str, work: Callable[[], int]) -> None:
+    def cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled or job_id not in self._jobs
+
+    def _run(self, job_id: str, work: Callable[[Callable[[], bool]], int]) -> None:
         if not self._set(job_id, status=RUNNING, started_at=time.time()):
             return  # forgotten (user deleted) before it started
+        if self.timeout_s is None:
+            self._finish(job_id, work)
+            return
+        worker = threading.Thread(target=self._finish, args=(job_id, work), daemon=True, name=f"prisp-{job_id}")
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            with self._lock:
+                self._cancelled.add(job_id)
+            logger.warning("job %s ran past %.0f s: reported failed, its thread abandoned", job_id, self.timeout_s)
+            self._set(job_id, status=FAILED, finished_at=time.time(),
+                      error=f"timed out after {self.timeout_s:.0f} s (--job-timeout-s)")
+            with self._lock:
+                self._futures.pop(job_id, None)
+
+    def _finish(self, job_id: str, work: Callable[[Callable[[], bool]], int]) -> None:
         try:
-            version = work()
+            version = work(lambda: self.cancelled(job_id))
         except PrispError as exc:
             self._set(job_id, status=FAILED, finished_at=time.time(), error=str(exc))
         except Exception as exc:  # a bug: log it, report one line, keep the worker alive
@@ -97,10 +128,19 @@ class JobQueue:
     def _set(self, job_id: str, **changes) -> bool:
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is None:
-                return False
-            self._jobs[job_id] = replace(job, **changes)
-            return True
+            if job is None or (job_id in self._cancelled and job.status == FAILED):
+                return False  # forgotten, or already reported timed out: a late result changes nothing
+            job = self._jobs[job_id] = replace(job, **changes)
+        self._record(job)
+        return True
+
+    def _record(self, job: Job) -> None:
+        if self._journal is None:
+            return
+        try:
+            self._journal(asdict(job))
+        except Exception:  # noqa: BLE001 - the in-memory state stays right; a journal failure must not kill the job
+            logger.exception("could not record job %s", job.job_id)
 
     def get(self, job_id: str) -> Job | None:
         """The job's current snapshot, or None."""
@@ -119,6 +159,7 @@ class JobQueue:
                 if future is not None and future.cancel():
                     del self._futures[job_id]  # a running one stays until its own finally removes it
                 del self._jobs[job_id]
+                self._cancelled.add(job_id)
         return len(doomed)
 
     def wait_idle(self, timeout: float) -> bool:

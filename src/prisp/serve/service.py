@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prisp.adapters import LoraWeights
@@ -31,6 +31,8 @@ from prisp.serve.registry import AdapterCache, load_anchors
 from prisp.serve.store import AdapterRecord, AdapterStore, SaveRequest
 
 logger = logging.getLogger(__name__)
+JOB_RECORD_DAYS = 7  # finished jobs' records are kept this long (GET /v1/jobs/{id} answers until then)
+INTERRUPTED = "interrupted: the server stopped while this job was queued or running; start it again"
 
 
 class ServeError(PrispError):
@@ -95,7 +97,13 @@ class PrispService:
         if uncovered:
             logger.warning("--schedule %s has no Stage-2 row for %s: personalize/update requests for them will "
                            "be refused", config.personalize.schedule, ", ".join(uncovered))
-        self.jobs = JobQueue(config.limits.max_pending_jobs)
+        interrupted = self.store.fail_unfinished_jobs(INTERRUPTED)
+        if interrupted:
+            logger.warning("%d job(s) were queued or running when the server last stopped: now failed", interrupted)
+        self.store.prune_jobs(time.time() - JOB_RECORD_DAYS * 86400)
+        history = [Job(**record) for record in self.store.job_records()]
+        self.jobs = JobQueue(config.limits.max_pending_jobs, journal=self.store.save_job,
+                             timeout_s=config.job_timeout_s, history=history)
         # Guards "which version is current" together with the cache, so a deletion or a new version can
         # never race a request into caching a stale or deleted adapter.
         self._adapters_lock = threading.RLock()
@@ -227,8 +235,8 @@ class PrispService:
         self._take_job_slot(user_id)
         erasure = self._erasures.get(user_id, 0)
 
-        def work() -> int:  # closes over this request's validated items
-            return self._train(user_id, task, history, continues, erasure)
+        def work(cancelled: Callable[[], bool]) -> int:  # closes over this request's validated items
+            return self._train(user_id, task, history, continues, erasure, cancelled)
 
         return self.jobs.submit(user_id, task, "update" if update else "personalize", work)
 
@@ -254,7 +262,7 @@ class PrispService:
         return job
 
     def _train(self, user_id: str, task: str, history: tuple[ProfileItem, ...], continues: int | None,
-               erasure: int) -> int:
+               erasure: int, cancelled: Callable[[], bool] = lambda: False) -> int:
         """Run Stage 2 and save the result as the user's new version; returns that version.
 
         For an update, the user's current (folded) adapter is the starting point: its A stays frozen under
@@ -275,6 +283,8 @@ class PrispService:
         with self._adapters_lock:
             if self._erasures.get(user_id, 0) != erasure:
                 raise Conflict("the user's data was deleted while this job ran; its result was discarded")
+            if cancelled():
+                raise Conflict("the job timed out while it ran; its result was discarded")
             record = self.store.save(request, result.weights)
             self.cache.drop_user(user_id, task)  # older versions of this task can never be served again
         self.engine.forget(user_id, task)  # outside the lock: it may wait for a running batch

@@ -45,7 +45,12 @@ CREATE TABLE IF NOT EXISTS adapters (
     file TEXT NOT NULL, key_id TEXT NOT NULL, base_model TEXT NOT NULL, strategy TEXT NOT NULL,
     items INTEGER NOT NULL, total_items INTEGER NOT NULL, updates INTEGER NOT NULL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (user_id, task));
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, task TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL, adapter_version INTEGER, error TEXT);
 """
+JOB_FIELDS = ("job_id", "user_id", "task", "kind", "status", "created_at", "started_at", "finished_at",
+              "adapter_version", "error")
 
 
 class UnknownUserError(PrispError):
@@ -219,6 +224,31 @@ class AdapterStore:
         """Whether ``user_id`` is a current user."""
         return self.token_hash(user_id) is not None
 
+    # ---- job records (no items: only what GET /v1/jobs/{id} reports) -----------------------------------------
+    def save_job(self, record: dict) -> None:
+        """Insert or replace one job's record (the keys of ``JOB_FIELDS``)."""
+        with self._lock, self._transaction() as db:
+            db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_FIELDS)}) VALUES "
+                       f"({', '.join('?' for _ in JOB_FIELDS)})", tuple(record[name] for name in JOB_FIELDS))
+
+    def job_records(self) -> list[dict]:
+        """Every kept job record, oldest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(JOB_FIELDS)} FROM jobs ORDER BY created_at").fetchall()
+        return [dict(zip(JOB_FIELDS, row)) for row in rows]
+
+    def prune_jobs(self, finished_before: float) -> int:
+        """Drop the records of jobs that finished before ``finished_before`` (a timestamp)."""
+        with self._lock, self._transaction() as db:
+            return db.execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?",
+                              (finished_before,)).rowcount
+
+    def fail_unfinished_jobs(self, reason: str) -> int:
+        """Mark every queued or running job failed with ``reason`` (at start: their process is gone)."""
+        with self._lock, self._transaction() as db:
+            return db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? "
+                              "WHERE status IN ('queued', 'running')", (reason, time.time())).rowcount
+
     def delete_user(self, user_id: str) -> bool:
         """Remove a user's rows and directory; False when there was no such user.
 
@@ -228,6 +258,7 @@ class AdapterStore:
         with self._lock:
             with self._transaction() as db:
                 db.execute("DELETE FROM adapters WHERE user_id = ?", (user_id,))
+                db.execute("DELETE FROM jobs WHERE user_id = ?", (user_id,))
                 existed = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
             self._remove_user_dir(user_id)
             self._checkpoint()
