@@ -260,6 +260,15 @@ def test_batch_writes_into_the_encrypted_serving_store(tiny_model_dir, anchor_di
     assert result.names == ids
     exported = load_adapter(tmp_path / "vllm" / ids[0]).to_peft_state_dict()
     assert all(torch.equal(exported[k], stored[k]) for k in stored)
+    # Deleting a user from the store also drops their lines from the batch ledger beside it.
+    from prisp.files import JsonlLog
+    from prisp.serve.store import AdapterStore, batch_ledger_path
+
+    ledger = JsonlLog(batch_ledger_path(root))
+    assert any(r.get("user_id") == ids[0] for r in ledger)
+    with AdapterStore(root, key) as store:
+        assert store.delete_user(ids[0])
+    assert not any(r.get("user_id") == ids[0] for r in ledger) and any(r.get("user_id") == ids[1] for r in ledger)
 
 
 def test_worker_reports_errors_instead_of_raising(tiny_model_dir, anchor_dir, users_file):

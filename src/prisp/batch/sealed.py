@@ -51,7 +51,9 @@ class SealedStoreSink:
 
         self.root = Path(root)
         self.task = task
-        self.ledger_store = DirectoryStore(self.root.parent / f"{self.root.name}.batch")
+        from prisp.serve.store import batch_ledger_path
+
+        self.ledger_store = DirectoryStore(batch_ledger_path(self.root).parent)
         # A writer open fails with one line while a server holds the store: they must not both write.
         self.store = AdapterStore(self.root, key, writer=writer)
         self._ledger = self._read_ledger()

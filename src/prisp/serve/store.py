@@ -27,7 +27,7 @@ from typing import Self
 
 from prisp.adapters import LoraWeights
 from prisp.errors import AdapterError, PrispError
-from prisp.files import TMP_PREFIX, fsync_dir, make_private_dirs, write_atomic
+from prisp.files import TMP_PREFIX, JsonlLog, fsync_dir, make_private_dirs, write_atomic
 from prisp.serve.auth import valid_user_id
 from prisp.serve.blobs import adapter_from_bytes, adapter_to_bytes
 from prisp.serve.keys import SealError, StoreKey, seal, slot_aad, unseal
@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, task TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
     created_at REAL NOT NULL, started_at REAL, finished_at REAL, adapter_version INTEGER, error TEXT);
 """
+def batch_ledger_path(root: Path) -> Path:
+    """Where ``prisp personalize-batch`` keeps its log for the store at ``root`` (beside it, not inside)."""
+    return root.parent / f"{root.name}.batch" / "results.jsonl"
+
+
 JOB_FIELDS = ("job_id", "user_id", "task", "kind", "status", "created_at", "started_at", "finished_at",
               "adapter_version", "error")
 
@@ -262,7 +267,17 @@ class AdapterStore:
                 existed = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
             self._remove_user_dir(user_id)
             self._checkpoint()
+            self._purge_ledger(user_id)
         return existed
+
+    def _purge_ledger(self, user_id: str) -> None:
+        """Drop the user's lines from a batch ledger beside the store (ids, job keys, timings of their runs)."""
+        ledger = JsonlLog(batch_ledger_path(self.root))
+        if ledger.path.is_file():
+            records = ledger.records()
+            kept = [r for r in records if r.get("user_id") != user_id]
+            if len(kept) != len(records):
+                ledger.rewrite(kept)
 
     def delete_adapters(self, user_id: str) -> int:
         """Remove every adapter of a user but keep the account; returns how many were removed."""
