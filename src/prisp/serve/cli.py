@@ -186,13 +186,6 @@ def export(
     task: str = typer.Option(..., help="LaMP task."),
     out: Path = typer.Option(..., help="Output peft adapter directory (PLAINTEXT: protect it)."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
-    admin_token_file: Path | None = typer.Option(None, help="The admin token's hash (`prisp serve admin-token "
-                                                            "--out FILE`) [default: $PRISP_ADMIN_TOKEN]."),
-    open_registration: bool = typer.Option(False, help="Let anyone who reaches the port create users (no admin "
-                                                       "token needed)."),
-    max_jobs_per_hour: int = typer.Option(30, help="Most personalize/update jobs per user per hour (429 above)."),
-    max_adapters: int = typer.Option(16, help="Most tasks a user may hold an adapter for (429 above)."),
-    job_timeout_s: float = typer.Option(1800.0, help="A personalization job running longer is reported failed."),
 ) -> None:
     """Decrypt a user's current adapter to a plain peft directory (e.g. for vLLM multi-LoRA serving)."""
     from prisp.adapters import save_adapter
