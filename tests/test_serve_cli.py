@@ -136,10 +136,10 @@ def test_rotate_key_command(tmp_path, filled_store):
     assert invoke(["keygen", "--out", str(new_file)]).exit_code == 0
     old_file = tmp_path / "old.key"
     old_file.write_text(key.encode())
-    result = invoke(["rotate-key", "--store", str(root), "--key-file", str(old_file), "--new-key-file",
+    result = invoke(["rotate-key", "--store", str(root), "--old-key-file", str(old_file), "--new-key-file",
                      str(new_file)])
     assert result.exit_code == 0, result.stderr
-    assert "re-encrypted 1 adapters" in result.stdout
+    assert "re-wrapped 1 data keys" in result.stdout
     refused = invoke(["export", "--store", str(root), "--user", user, "--task", "LaMP-4", "--out",
                       str(tmp_path / "x"), "--key-file", str(old_file)])
     assert refused.exit_code == 2 and "does not open store" in refused.stderr

@@ -16,7 +16,17 @@ from prisp.adapters import LoraSpec, LoraWeights, random_init
 from prisp.errors import PrispError
 from prisp.serve.auth import bearer_token, hash_token, issue_token, token_matches, valid_user_id
 from prisp.serve.blobs import adapter_from_bytes, adapter_to_bytes
-from prisp.serve.keys import KEY_ENV, SealError, StoreKey, decode_key, generate_key, load_key
+from prisp.serve.keys import (
+    KEY_ENV,
+    SealError,
+    StoreKey,
+    decode_key,
+    generate_key,
+    load_key,
+    seal,
+    slot_aad,
+    unseal,
+)
 from prisp.serve.registry import AdapterCache
 from prisp.serve.store import DB_NAME, AdapterStore, SaveRequest, UnknownUserError, VersionConflictError
 
@@ -280,7 +290,9 @@ def test_kill_during_save_keeps_previous_adapter(tmp_path, key, stage):
 # ---- key rotation ------------------------------------------------------------------------------
 
 
-def test_rotation_reseals_everything_and_resumes(tmp_path, key, monkeypatch):
+def test_rotation_rewraps_data_keys_only_and_resumes(tmp_path, key, monkeypatch):
+    """Killed part-way (the second user's re-wrap fails), every user still opens under the old or the new key,
+    recorded per user; a rerun finishes; no adapter file is rewritten (only the 32-byte data keys are)."""
     root = tmp_path / "store"
     new_key = generate_key()
     with AdapterStore(root, key) as store:
@@ -289,28 +301,79 @@ def test_rotation_reseals_everything_and_resumes(tmp_path, key, monkeypatch):
         before = {r.file: (root / r.file).read_bytes() for r in records}
         import prisp.serve.store as store_module
 
-        real_write, calls = store_module.write_atomic, []
+        real_wrap, calls = store_module.wrap_key, []
 
-        def flaky_write(path, data, **options):
-            calls.append(path)
+        def flaky_wrap(*args):
+            calls.append(args)
             if len(calls) == 2:
                 raise OSError("disk full (simulated)")
-            real_write(path, data, **options)
+            return real_wrap(*args)
 
-        monkeypatch.setattr(store_module, "write_atomic", flaky_write)
+        monkeypatch.setattr(store_module, "wrap_key", flaky_wrap)
         with pytest.raises(OSError):
             store.rotate_to(new_key)
-        monkeypatch.setattr(store_module, "write_atomic", real_write)
+        monkeypatch.setattr(store_module, "wrap_key", real_wrap)
+    wrapped_by = dict(sqlite3.connect(root / DB_NAME).execute("SELECT user_id, wrap_key_id FROM users"))
+    assert sorted(wrapped_by.values()) == sorted([new_key.key_id, key.key_id, key.key_id])  # per user
     with pytest.raises(PrispError, match="interrupted key rotation"):
-        AdapterStore(root, key)
+        AdapterStore(root, key)  # a server refuses a half-rotated store
     with AdapterStore(root, key, rotating_to=new_key.key_id) as store:
-        assert store.rotate_to(new_key) == 2  # the first file was already done
+        assert store.rotate_to(new_key) == 2  # the first user was already done
     with pytest.raises(PrispError, match="does not open"):
         AdapterStore(root, key)
     with AdapterStore(root, new_key) as store:
         for i, record in enumerate(records):
-            assert (root / record.file).read_bytes() != before[record.file]
+            assert (root / record.file).read_bytes() == before[record.file]  # adapters untouched
             assert_same(store.load(store.current(record.user_id, "LaMP-4")), make_weights(i))
+
+
+def test_deleting_a_user_destroys_their_data_key_so_backup_copies_stay_sealed(tmp_path, key):
+    root = tmp_path / "store"
+    with AdapterStore(root, key) as store:
+        user, other = new_user(store), new_user(store)
+        record = save(store, user, make_weights(1))
+        save(store, other, make_weights(2))
+        backup = (root / record.file).read_bytes()  # a copy taken before the deletion (a backup, a snapshot)
+        wrapped = sqlite3.connect(root / DB_NAME).execute("SELECT data_key FROM users WHERE user_id = ?",
+                                                          (user,)).fetchone()[0]
+        assert store.delete_user(user)
+    aad = slot_aad(open_store_id(root), user, "LaMP-4", record.version)
+    with pytest.raises(SealError):
+        unseal(key, backup, aad, "backup")  # the store key alone never opened it
+    raw = (root / DB_NAME).read_bytes() + b"".join(p.read_bytes() for p in root.glob(DB_NAME + "-*"))
+    assert wrapped not in raw  # the wrapped data key is gone from the database and its WAL
+    with AdapterStore(root, key) as store:
+        assert_same(store.load(store.current(other, "LaMP-4")), make_weights(2))  # others unaffected
+
+
+def test_a_store_from_before_envelope_encryption_is_migrated_on_open(tmp_path, key):
+    """Users without a data key get one and their adapters (sealed with the store key) are re-sealed."""
+    root = tmp_path / "store"
+    with AdapterStore(root, key) as store:
+        user = new_user(store)
+        record = save(store, user, make_weights(3))
+        store_id = store.store_id
+    # Rewrite it the old way: the adapter sealed with the store key itself, no data key on the user.
+    plain = adapter_to_bytes(make_weights(3))
+    aad = slot_aad(store_id, user, "LaMP-4", record.version)
+    (root / record.file).write_bytes(seal(key, plain, aad))
+    db = sqlite3.connect(root / DB_NAME)
+    db.execute("UPDATE users SET data_key = NULL, wrap_key_id = NULL")
+    db.execute("UPDATE adapters SET key_id = ?", (key.key_id,))
+    db.commit()
+    db.close()
+    with AdapterStore(root, key, writer=False) as reader:  # a reader serves it as it is
+        assert_same(reader.load(reader.current(user, "LaMP-4")), make_weights(3))
+    with AdapterStore(root, key) as store:  # a writer migrates it
+        migrated = store.current(user, "LaMP-4")
+        assert migrated.key_id != key.key_id
+        assert_same(store.load(migrated), make_weights(3))
+    with pytest.raises(SealError):
+        unseal(key, (root / record.file).read_bytes(), aad, "file")  # now only the data key opens it
+
+
+def open_store_id(root) -> str:
+    return dict(sqlite3.connect(root / DB_NAME).execute("SELECT key, value FROM meta"))["store_id"]
 
 
 # ---- cache -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -163,9 +164,11 @@ def keygen(out: Path | None = typer.Option(None, help="Write the key to this new
 def rotate_key(
     store: Path = typer.Option(..., help="Store directory (stop the server first)."),
     new_key_file: Path = typer.Option(..., help="The new key's file (`prisp serve keygen --out F`)."),
-    key_file: Path | None = typer.Option(None, help="The current key's file [default: $PRISP_STORE_KEY]."),
+    key_file: Path | None = typer.Option(None, "--old-key-file", "--key-file",
+                                         help="The current key's file [default: $PRISP_STORE_KEY]."),
 ) -> None:
-    """Re-encrypt every adapter under a new key (each file atomically; rerun to resume if interrupted)."""
+    """Re-wrap every user's data key under a new store key (adapters are not rewritten); killed at any point,
+    rerun it with the same keys to finish."""
     from prisp.serve.keys import load_key
     from prisp.serve.store import AdapterStore
 
@@ -173,9 +176,11 @@ def rotate_key(
     if old.key_id == new.key_id:
         raise PrispError("the new key is the current key; generate one with `prisp serve keygen --out FILE`")
     _require_store(store)
+    start = time.perf_counter()
     with AdapterStore(store, old, rotating_to=new.key_id) as opened:
         count = opened.rotate_to(new)
-    typer.echo(f"re-encrypted {count} adapters; the store now opens with key id {new.key_id} only")
+    typer.echo(f"re-wrapped {count} data keys in {time.perf_counter() - start:.2f} s; the store now opens with key "
+               f"id {new.key_id} only")
 
 
 @serve_app.command("export")

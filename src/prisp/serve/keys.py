@@ -123,6 +123,23 @@ def slot_aad(store_id: str, user_id: str, task: str, version: int) -> bytes:
     return b"prisp-adapter/v1\0" + json.dumps(slot, sort_keys=True, separators=(",", ":")).encode()
 
 
+def data_key_aad(store_id: str, user_id: str) -> bytes:
+    """Associated data binding a wrapped data key to its store and user (a key moved to another user fails)."""
+    return b"prisp-data-key/v1\0" + json.dumps({"store": store_id, "user": user_id}, sort_keys=True,
+                                                 separators=(",", ":")).encode()
+
+
+def wrap_key(store_key: StoreKey, data_key: StoreKey, aad: bytes) -> bytes:
+    """A user's data key sealed by the store key (envelope encryption: only these 32 bytes ever need
+    re-encrypting when the store key rotates)."""
+    return seal(store_key, data_key.secret, aad)
+
+
+def unwrap_key(store_key: StoreKey, wrapped: bytes, aad: bytes, what: str) -> StoreKey:
+    """The data key inside ``wrapped``; SealError (fail closed) for a wrong key or altered bytes."""
+    return StoreKey(unseal(store_key, wrapped, aad, what))
+
+
 def seal(key: StoreKey, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt and authenticate ``plaintext`` for the slot ``aad`` names."""
     nonce = secrets.token_bytes(NONCE_BYTES)

@@ -3,9 +3,14 @@
 Layout::
 
     STORE/
-      store.sqlite3            users (token hashes), adapters (versions, times, item counts), meta
+      store.sqlite3            users (token hashes, wrapped data keys), adapters (versions, times, counts), meta
       LOCK                     held by the one process that writes (server or rotate-key)
       users/<user_id>/<task>.v<version>.adapter   sealed safetensors (see keys.py)
+
+Envelope encryption: every user has their own random data key, which seals their adapters; the database
+keeps it only wrapped by the store key (AES-GCM, bound to store and user id). Rotating the store key re-wraps
+these 32-byte keys, never the adapters; deleting a user destroys their data key, so copies of their adapter
+files left in backups can no longer be opened, even with the store key.
 
 A save writes the new version's file atomically, then commits the row that points at it, then unlinks
 the old file: a crash at any point leaves the previous version loadable, and :meth:`AdapterStore.recover`
@@ -30,7 +35,17 @@ from prisp.errors import AdapterError, PrispError
 from prisp.files import TMP_PREFIX, JsonlLog, fsync_dir, make_private_dirs, write_atomic
 from prisp.serve.auth import valid_user_id
 from prisp.serve.blobs import adapter_from_bytes, adapter_to_bytes
-from prisp.serve.keys import SealError, StoreKey, seal, slot_aad, unseal
+from prisp.serve.keys import (
+    SealError,
+    StoreKey,
+    data_key_aad,
+    generate_key,
+    seal,
+    slot_aad,
+    unseal,
+    unwrap_key,
+    wrap_key,
+)
 
 DB_NAME = "store.sqlite3"
 LOCK_NAME = "LOCK"
@@ -131,9 +146,13 @@ class AdapterStore:
             # Deleted rows are overwritten with zeros, not left in free pages (erasure means erasure).
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(SCHEMA)
+            self._add_columns()
             self.store_id = self._check_key(rotating_to)
+            self._data_keys: dict[str, StoreKey] = {}
             if writer:
                 self.recover()
+                if rotating_to is None:
+                    self._migrate_to_data_keys()
         except BaseException:
             self.close()  # a refused open must not keep the lock
             raise
@@ -157,6 +176,13 @@ class AdapterStore:
             raise PrispError(f"store {self.root} is in use by another prisp process (a server or "
                              "rotate-key); stop it first") from None
         self._lock_fd = fd
+
+    def _add_columns(self) -> None:
+        """Columns newer than a store's schema (stores written before envelope encryption)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        for column in ("data_key BLOB", "wrap_key_id TEXT"):
+            if column.split()[0] not in have:
+                self._db.execute(f"ALTER TABLE users ADD COLUMN {column}")
 
     def _check_key(self, rotating_to: str | None) -> str:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -197,9 +223,33 @@ class AdapterStore:
         """Record a new user by id and token hash."""
         if not valid_user_id(user_id):
             raise PrispError(f"invalid user id {user_id!r}")
+        data_key = generate_key()
+        wrapped = wrap_key(self.key, data_key, data_key_aad(self.store_id, user_id))
         with self._lock, self._transaction() as db:
-            db.execute("INSERT INTO users (user_id, token_hash, created_at) VALUES (?, ?, ?)",
-                       (user_id, token_hash, time.time()))
+            db.execute("INSERT INTO users (user_id, token_hash, created_at, data_key, wrap_key_id) VALUES "
+                       "(?, ?, ?, ?, ?)", (user_id, token_hash, time.time(), wrapped, self.key.key_id))
+            self._data_keys[user_id] = data_key
+
+    def _data_key(self, user_id: str) -> StoreKey:
+        """The user's data key, unwrapped with the store key (kept in memory while the store is open).
+
+        Raises:
+            UnknownUserError: no such user.
+            SealError: a data key wrapped by another key (an unfinished rotation) or altered (fail closed).
+        """
+        with self._lock:
+            if user_id in self._data_keys:
+                return self._data_keys[user_id]
+            row = self._db.execute("SELECT data_key, wrap_key_id FROM users WHERE user_id = ?",
+                                   (user_id,)).fetchone()
+            if row is None or row[0] is None:
+                raise UnknownUserError(f"user {user_id} does not exist or has no data key")
+            if row[1] != self.key.key_id:
+                raise SealError(f"the data key of user {user_id} is wrapped with key id {row[1]}, not the "
+                                "current key; finish `prisp serve rotate-key`")
+            key = unwrap_key(self.key, row[0], data_key_aad(self.store_id, user_id), f"data key of {user_id}")
+            self._data_keys[user_id] = key
+            return key
 
     def token_hash(self, user_id: str) -> str | None:
         """The stored token hash of ``user_id``, or None for an unknown user."""
@@ -264,7 +314,10 @@ class AdapterStore:
             with self._transaction() as db:
                 db.execute("DELETE FROM adapters WHERE user_id = ?", (user_id,))
                 db.execute("DELETE FROM jobs WHERE user_id = ?", (user_id,))
+                # The row holds the user's wrapped data key: deleting it is crypto-erasure of every copy of
+                # their adapters (secure_delete zeroes the freed page; the checkpoint below clears the WAL).
                 existed = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
+            self._data_keys.pop(user_id, None)
             self._remove_user_dir(user_id)
             self._checkpoint()
             self._purge_ledger(user_id)
@@ -331,9 +384,10 @@ class AdapterStore:
                 now = old.version if old else None
                 raise VersionConflictError(f"adapter for {request.task} changed while updating (started from "
                                            f"version {request.continues}, now {now})")
-            record = self._new_record(request, old, version=row[0])
+            data_key = self._data_key(request.user_id)
+            record = self._new_record(request, old, version=row[0], key_id=data_key.key_id)
             aad = slot_aad(self.store_id, request.user_id, request.task, record.version)
-            write_atomic(self.root / record.file, seal(self.key, data, aad), private=True)
+            write_atomic(self.root / record.file, seal(data_key, data, aad), private=True)
             with self._transaction() as db:
                 db.execute("UPDATE users SET next_version = ? WHERE user_id = ?", (record.version + 1,
                                                                                    request.user_id))
@@ -343,12 +397,13 @@ class AdapterStore:
                 fsync_dir((self.root / old.file).parent)
         return record
 
-    def _new_record(self, request: SaveRequest, old: AdapterRecord | None, version: int) -> AdapterRecord:
+    def _new_record(self, request: SaveRequest, old: AdapterRecord | None, version: int,
+                    key_id: str) -> AdapterRecord:
         now = time.time()
         continued = request.continues is not None and old is not None
         return AdapterRecord(
             user_id=request.user_id, task=request.task, version=version,
-            file=f"{USERS_DIR}/{request.user_id}/{request.task}.v{version}.adapter", key_id=self.key.key_id,
+            file=f"{USERS_DIR}/{request.user_id}/{request.task}.v{version}.adapter", key_id=key_id,
             base_model=request.base_model, strategy=request.strategy, items=request.items,
             total_items=request.items + (old.total_items if continued else 0),
             updates=(old.updates + 1) if continued else 0,
@@ -362,16 +417,22 @@ class AdapterStore:
             SealError: The file is missing, altered, moved from another slot or sealed with another key.
         """
         what = f"adapter of user {record.user_id} for {record.task} (version {record.version})"
-        if record.key_id != self.key.key_id:
-            raise SealError(f"{what} is sealed with key id {record.key_id}, not the current key; finish "
-                            "`prisp serve rotate-key`")
+        try:
+            key = self._data_key(record.user_id)
+        except UnknownUserError:
+            key = None
+        if key is None or record.key_id != key.key_id:
+            if record.key_id != self.key.key_id:  # neither the user's data key nor a legacy store-key seal
+                raise SealError(f"{what} is sealed with key id {record.key_id}, which this store key cannot "
+                                "open; finish `prisp serve rotate-key`")
+            key = self.key  # written before envelope encryption; a writer open migrates it
         try:
             blob = (self.root / record.file).read_bytes()
         except OSError:
             raise SealError(f"{what} is missing from the store; refusing to serve it") from None
         aad = slot_aad(self.store_id, record.user_id, record.task, record.version)
         try:
-            return adapter_from_bytes(unseal(self.key, blob, aad, what), what)
+            return adapter_from_bytes(unseal(key, blob, aad, what), what)
         except SealError:
             raise
         except AdapterError as exc:  # authentic bytes that do not parse: still never served
@@ -401,36 +462,65 @@ class AdapterStore:
         return removed
 
     def rotate_to(self, new_key: StoreKey) -> int:
-        """Re-seal every adapter under ``new_key``, one atomic file write at a time; resumable.
+        """Re-wrap every user's data key under ``new_key`` (adapters are not touched); resumable.
+
+        Each user's row changes in its own transaction, so a rotation killed at any point leaves every user
+        under the old or the new key (recorded per user); the store's key id moves last.
 
         Returns:
-            How many adapters were re-sealed by this call.
+            How many data keys this call re-wrapped.
         """
         with self._lock:
             with self._transaction() as db:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('rotating_to', ?)", (new_key.key_id,))
             done = 0
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE key_id = ?", (self.key.key_id,))
-            for record in [AdapterRecord(*row) for row in rows.fetchall()]:
-                self._reseal(record, new_key)
+            rows = self._db.execute("SELECT user_id, data_key, wrap_key_id FROM users WHERE data_key IS NOT NULL "
+                                    "AND wrap_key_id != ?", (new_key.key_id,)).fetchall()
+            for user_id, wrapped, wrap_key_id in rows:
+                aad = data_key_aad(self.store_id, user_id)
+                if wrap_key_id != self.key.key_id:
+                    raise SealError(f"the data key of user {user_id} is wrapped with key id {wrap_key_id}, "
+                                    "neither the old nor the new key")
+                data_key = unwrap_key(self.key, wrapped, aad, f"data key of {user_id}")
                 with self._transaction() as db:
-                    db.execute("UPDATE adapters SET key_id = ? WHERE user_id = ? AND task = ?",
-                               (new_key.key_id, record.user_id, record.task))
+                    db.execute("UPDATE users SET data_key = ?, wrap_key_id = ? WHERE user_id = ?",
+                               (wrap_key(new_key, data_key, aad), new_key.key_id, user_id))
                 done += 1
             with self._transaction() as db:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_key.key_id,))
                 db.execute("DELETE FROM meta WHERE key = 'rotating_to'")
+            self._checkpoint()  # the old wrappings leave the write-ahead log too
             self.key = new_key
         return done
 
+    def _migrate_to_data_keys(self) -> int:
+        """Give users of a store written before envelope encryption a data key and re-seal their adapters under
+        it, one atomic file at a time (resumable: a file already re-sealed is recognised). Returns the adapters
+        re-sealed."""
+        with self._lock:
+            for (user_id,) in self._db.execute("SELECT user_id FROM users WHERE data_key IS NULL").fetchall():
+                data_key = generate_key()
+                with self._transaction() as db:
+                    db.execute("UPDATE users SET data_key = ?, wrap_key_id = ? WHERE user_id = ?",
+                               (wrap_key(self.key, data_key, data_key_aad(self.store_id, user_id)),
+                                self.key.key_id, user_id))
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE key_id = ?", (self.key.key_id,))
+            legacy = [AdapterRecord(*row) for row in rows.fetchall()]
+            for record in legacy:
+                data_key = self._data_key(record.user_id)
+                self._reseal(record, self.key, data_key)
+                with self._transaction() as db:
+                    db.execute("UPDATE adapters SET key_id = ? WHERE user_id = ? AND task = ?",
+                               (data_key.key_id, record.user_id, record.task))
+        return len(legacy)
 
-    def _reseal(self, record: AdapterRecord, new_key: StoreKey) -> None:
+    def _reseal(self, record: AdapterRecord, old_key: StoreKey, new_key: StoreKey) -> None:
         aad = slot_aad(self.store_id, record.user_id, record.task, record.version)
         blob = (self.root / record.file).read_bytes()
         try:
-            plain = unseal(self.key, blob, aad, record.file)
+            plain = unseal(old_key, blob, aad, record.file)
         except SealError:
-            # A rotation killed between this file's rename and its row update: already under the new key.
+            # Killed between this file's rename and its row update: already under the new key.
             unseal(new_key, blob, aad, record.file)
             return
         write_atomic(self.root / record.file, seal(new_key, plain, aad), private=True)
