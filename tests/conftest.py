@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny random Llama and a tiny byte-level tokenizer, built in-process.
 
 Test lanes are marked by what they cost: ``slow`` (the real default model), ``encoder`` (the real MiniLM
-description/history encoder), ``ray`` (a local Ray cluster). Unmarked tests form the fast lane. The cost guard
+description/history encoder), ``ray`` (a local Ray cluster), ``kill`` (server processes SIGKILLed). Unmarked tests
+form the fast lane. The cost guard
 below fails any test that loads the real model or MiniLM without the mark, so the lanes stay true.
 """
 

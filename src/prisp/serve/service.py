@@ -19,6 +19,7 @@ from prisp.data.lamp import ProfileItem, parse_profile
 from prisp.data.prompts import query_prompt
 from prisp.data.tasks import get_task, label_set, normalize_task_name
 from prisp.errors import PrispError
+from prisp.faults import crash_point
 from prisp.models import LoadedModel, load_model
 from prisp.personalize import get_strategy, personalize
 from prisp.predict import decode_mode
@@ -268,6 +269,7 @@ class PrispService:
         For an update, the user's current (folded) adapter is the starting point: its A stays frozen under
         the prisp strategy, B and a fresh bridge C refine it on the new items only.
         """
+        crash_point("job:running")
         if continues is None:
             start = self.anchors[task]
         else:

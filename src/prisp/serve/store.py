@@ -32,6 +32,7 @@ from typing import Self
 
 from prisp.adapters import LoraWeights
 from prisp.errors import AdapterError, PrispError
+from prisp.faults import crash_point
 from prisp.files import TMP_PREFIX, JsonlLog, fsync_dir, make_private_dirs, write_atomic
 from prisp.serve.auth import valid_user_id
 from prisp.serve.blobs import adapter_from_bytes, adapter_to_bytes
@@ -318,6 +319,7 @@ class AdapterStore:
                 # their adapters (secure_delete zeroes the freed page; the checkpoint below clears the WAL).
                 existed = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
             self._data_keys.pop(user_id, None)
+            crash_point("delete:rows-deleted")
             self._remove_user_dir(user_id)
             self._checkpoint()
             self._purge_ledger(user_id)
@@ -388,10 +390,12 @@ class AdapterStore:
             record = self._new_record(request, old, version=row[0], key_id=data_key.key_id)
             aad = slot_aad(self.store_id, request.user_id, request.task, record.version)
             write_atomic(self.root / record.file, seal(data_key, data, aad), private=True)
+            crash_point("save:file-written")
             with self._transaction() as db:
                 db.execute("UPDATE users SET next_version = ? WHERE user_id = ?", (record.version + 1,
                                                                                    request.user_id))
                 db.execute(f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({_MARKS})", _values(record))
+            crash_point("save:row-committed")
             if old is not None and old.file != record.file:
                 (self.root / old.file).unlink(missing_ok=True)
                 fsync_dir((self.root / old.file).parent)
@@ -486,6 +490,7 @@ class AdapterStore:
                     db.execute("UPDATE users SET data_key = ?, wrap_key_id = ? WHERE user_id = ?",
                                (wrap_key(new_key, data_key, aad), new_key.key_id, user_id))
                 done += 1
+                crash_point("rotate:one-rewrapped")
             with self._transaction() as db:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'key_id'", (new_key.key_id,))
                 db.execute("DELETE FROM meta WHERE key = 'rotating_to'")
