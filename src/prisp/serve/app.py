@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,7 @@ from prisp.serve.schemas import (
     Health,
     JobAccepted,
     JobState,
+    Me,
     PersonalizeRequest,
     UserCreated,
     UserList,
@@ -75,6 +77,13 @@ def create_user(token: Token, service: Service) -> UserCreated:
     return UserCreated(user_id=issued.user_id, token=issued.token)
 
 
+@router.get("/v1/me", response_model=Me, responses=_ERRORS, tags=["users"])
+def whoami(token: Token, service: Service) -> Me:
+    """Who the bearer token belongs to: a user (their id) or the admin."""
+    user_id, admin = service.whoami(token)
+    return Me(user_id=user_id, admin=admin)
+
+
 @router.get("/v1/users", response_model=UserList, responses=_ERRORS, tags=["users"])
 def list_users(token: Token, service: Service) -> UserList:
     """Every user with their adapters' tasks, versions and sizes (admin token only; no tokens, no user data)."""
@@ -109,7 +118,7 @@ def job_state(job_id: JobId, token: Token, service: Service) -> JobState:
 @router.post("/v1/users/{user_id}/generate", response_model=Generated, responses=_ERRORS, tags=["generation"])
 def generate(body: GenerateRequest, user_id: UserId, token: Token, service: Service) -> Generated:
     """Answer with the user's adapter for the task, or the task anchor alone (``adapter_version`` null)."""
-    output, version = service.generate(user_id, token, body.task, body.input, body.decode)
+    output, version = service.generate(user_id, token, body.task, body.input, body.decode, body.personal)
     return Generated(output=output, adapter_version=version)
 
 
@@ -126,6 +135,27 @@ def delete_adapters(user_id: UserId, token: Token, service: Service) -> Deleted:
     """Erase the user's adapters but keep the account; they are then served by the anchors alone."""
     removed = service.delete_adapters(user_id, token)
     return Deleted(user_id=user_id, deleted=False, adapters_removed=removed)
+
+
+CONSOLE_DIR = FilePath(__file__).resolve().parent / "console"
+_CONSOLE_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
+# The console runs only its own script and style, from this server: nothing inline, nothing from elsewhere.
+_CONSOLE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                    "img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+@router.get("/ui", include_in_schema=False)
+def console_page() -> Response:
+    """The web console (plain HTML + one script, served from the package; the same API underneath)."""
+    return Response((CONSOLE_DIR / "index.html").read_bytes(), media_type="text/html", headers=_CONSOLE_HEADERS)
+
+
+@router.get("/ui/static/{name}", include_in_schema=False)
+def console_asset(name: str) -> Response:
+    if name not in _CONSOLE_FILES:  # a fixed list: no path ever reaches the filesystem from a request
+        raise StarletteHTTPException(404, "not found")
+    return Response((CONSOLE_DIR / name).read_bytes(), media_type=_CONSOLE_FILES[name], headers=_CONSOLE_HEADERS)
 
 
 def create_app(config: ServeConfig, key: StoreKey, loaded: LoadedModel | None = None) -> FastAPI:

@@ -36,6 +36,8 @@ class GenerateRequest(_Request):
     decode: Literal["auto", "labels", "free"] = Field(
         "auto", description="labels: the task's most likely label (always a valid label); free: greedy "
         "generation; auto: labels on classification and rating tasks (LaMP-1/2/2N/3), free otherwise.")
+    personal: bool = Field(True, description="false: answer with the task anchor alone, as if the user had no "
+                           "adapter (to compare; the console shows both side by side).")
 
 
 class UserCreated(BaseModel):
@@ -101,6 +103,13 @@ class Deleted(BaseModel):
     user_id: str
     deleted: bool
     adapters_removed: int
+
+
+class Me(BaseModel):
+    """Who a bearer token belongs to."""
+
+    user_id: str | None
+    admin: bool
 
 
 class Health(BaseModel):

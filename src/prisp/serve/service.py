@@ -146,6 +146,12 @@ class PrispService:
         self.store.create_user(issued.user_id, issued.token_hash)
         return issued
 
+    def whoami(self, token: str | None) -> tuple[str | None, bool]:
+        """``(user_id, False)`` for a user's token, ``(None, True)`` for the admin token."""
+        if self.is_admin(token):
+            return None, True
+        return self.authenticate(token), False
+
     def list_users(self, token: str | None) -> list[dict]:
         """Every user with their adapters' tasks, versions and sizes (admin only; never tokens or user data)."""
         self.require_admin(token, "listing users")
@@ -295,7 +301,7 @@ class PrispService:
     # ---- generation ----------------------------------------------------------------------------
 
     def generate(self, user_id: str, token: str | None, task: str, text: str,
-                 decode: str = "auto") -> tuple[str, int | None]:
+                 decode: str = "auto", personal: bool = True) -> tuple[str, int | None]:
         """Answer ``text`` for a user: their adapter for the task, or the task anchor when they have none.
 
         ``decode``: ``labels`` ranks the task's label set by likelihood (the answer is always a label),
@@ -308,7 +314,7 @@ class PrispService:
         if len(text) > self.limits.max_input_chars:
             raise ServeError(f"input is {len(text)} characters long (limit {self.limits.max_input_chars})")
         mode = decode_mode(task, decode)
-        weights, version = self.adapter_for(user_id, task)
+        weights, version = self.adapter_for(user_id, task) if personal else (self.anchors[task], None)
         labels = label_set(task, [text])
         prompt = query_prompt(task, text, labels)
         owner = None if version is None else (user_id, task)  # anchors belong to nobody
