@@ -124,3 +124,14 @@ def test_the_python_api_doc_example_runs_on_the_default_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "users" / "u0" / "personalization.json").is_file()
     assert "personalized:" in done.stdout and "anchor:" in done.stdout
+
+
+def test_the_api_docstring_examples_run():
+    """prisp.api's docstring examples (those that need the real model are marked +SKIP there and run verbatim
+    in docs/python-api.md's test instead)."""
+    import doctest
+
+    import prisp.api
+
+    failed, attempted = doctest.testmod(prisp.api, optionflags=doctest.ELLIPSIS)
+    assert attempted >= 3 and failed == 0

@@ -5,7 +5,6 @@ job reads ``failed`` with a reason. ``bench/reliability.py`` runs a seeded rando
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import torch
 from prisp.adapters import LoraSpec, random_init, save_adapter
 from prisp.models import load_model
 from prisp.serve.auth import issue_token
+from prisp.serve.embedded import wait_for_job
 from prisp.serve.keys import generate_key
 from prisp.serve.process import ServerProcess
 from prisp.serve.service import INTERRUPTED
@@ -50,19 +50,9 @@ def user_with_adapter(server: ServerProcess) -> tuple[str, dict, int]:
         headers = {"Authorization": f"Bearer {body['token']}"}
         job = client.post(f"/v1/users/{body['user_id']}/personalize", headers=headers,
                           json={"task": "LaMP-4", "items": ITEMS}).json()
-        state = wait_job(client, job["job_id"], headers)
+        state = wait_for_job(client, job["job_id"], headers)
     assert state["status"] == "succeeded", state
     return body["user_id"], headers, state["adapter_version"]
-
-
-def wait_job(client, job_id, headers, timeout=120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if state["status"] in ("succeeded", "failed"):
-            return state
-        assert time.monotonic() < deadline, state
-        time.sleep(0.05)
 
 
 def fire_and_die(server: ServerProcess, method: str, path: str, headers: dict, body: dict | None = None) -> None:
@@ -144,7 +134,7 @@ def test_killed_while_a_job_runs(server):
         assert state["status"] == "failed" and "interrupted" in state["error"]  # never stuck in running
         retry = client.post(f"/v1/users/{body['user_id']}/personalize", headers=headers,
                             json={"task": "LaMP-4", "items": ITEMS}).json()
-        assert wait_job(client, retry["job_id"], headers)["status"] == "succeeded"
+        assert wait_for_job(client, retry["job_id"], headers)["status"] == "succeeded"
     server.stop()
     store_is_clean(server)
 

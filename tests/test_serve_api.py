@@ -22,7 +22,7 @@ from prisp.personalize import PersonalizeConfig
 from prisp.scoring import score_labels
 from prisp.serve.auth import hash_token, issue_token
 from prisp.serve.config import ServeConfig, ServeLimits
-from prisp.serve.embedded import EmbeddedServer, serve_in_thread
+from prisp.serve.embedded import EmbeddedServer, serve_in_thread, wait_for_job
 from prisp.serve.keys import generate_key
 from prisp.serve.service import PrispService
 from prisp.serve.store import DB_NAME, SaveRequest
@@ -96,14 +96,7 @@ def run_job(client, user: str, headers: dict, items: list[dict], kind: str = "pe
             task: str = "LaMP-4") -> dict:
     response = client.post(f"/v1/users/{user}/{kind}", json={"task": task, "items": items}, headers=headers)
     assert response.status_code == 202, response.text
-    job_id = response.json()["job_id"]
-    deadline = time.monotonic() + 60
-    while True:
-        state = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if state["status"] in ("succeeded", "failed"):
-            return state
-        assert time.monotonic() < deadline, state
-        time.sleep(0.05)
+    return wait_for_job(client, response.json()["job_id"], headers, timeout=60)
 
 
 def ask(client, user, headers, text=TEXT, task="LaMP-4") -> dict:

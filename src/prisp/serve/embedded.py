@@ -71,3 +71,19 @@ def serve_in_thread(config: ServeConfig, key: StoreKey, loaded=None, start_timeo
             raise PrispError("the embedded server did not start (see the log above)")
         time.sleep(0.02)
     return EmbeddedServer(f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread, app.state.service)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, headers: dict, timeout: float = 120) -> dict:
+    """Poll ``GET /v1/jobs/{job_id}`` until the job succeeded or failed; its final state.
+
+    Raises:
+        TimeoutError: still queued or running after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.get(f"/v1/jobs/{job_id}", headers=headers).raise_for_status().json()
+        if state["status"] in ("succeeded", "failed"):
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} is still {state['status']} after {timeout:.0f} s")
+        time.sleep(0.05)
