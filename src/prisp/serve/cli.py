@@ -42,6 +42,9 @@ def serve(
     hypernet: Path | None = typer.Option(None, help="With no anchor option: the hypernetwork that makes every "
                                                     "task's anchor from its description [default: the shipped one]."),
     key_file: Path | None = typer.Option(None, help=_KEY_FILE_HELP),
+    previous_key_file: Path | None = typer.Option(None, help="The key an interrupted rotation started from: given "
+                                                             "with the new key, the server finishes the rotation at "
+                                                             "start."),
     admin_token_file: Path | None = typer.Option(None, help="The admin token's hash (`prisp serve admin-token "
                                                             "--out FILE`) [default: $PRISP_ADMIN_TOKEN]."),
     open_registration: bool = typer.Option(False, help="Let anyone who reaches the port create users (no admin "
@@ -73,6 +76,12 @@ def serve(
         raise PrispError("--store DIR is required to run the server")
     key = load_key(key_file)  # before loading anything: no key, no server
     admin_hash = load_admin_hash(admin_token_file)
+    if previous_key_file is not None and Path(store).is_dir():
+        from prisp.serve.store import finish_rotation
+
+        finished = finish_rotation(Path(store), load_key(previous_key_file), key)
+        if finished is not None:
+            typer.echo(f"finished the interrupted key rotation: re-wrapped {finished} data keys", err=True)
     for path in task_file:  # before the anchors, which may name these tasks
         get_task(str(path))
     config = ServeConfig(

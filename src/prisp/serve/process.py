@@ -52,11 +52,14 @@ class ServerProcess:
             env[FAULT_ENV] = fault
         return env
 
-    def start(self, fault: str | None = None, key: StoreKey | None = None, timeout: float = 300) -> bool:
+    def start(self, fault: str | None = None, key: StoreKey | None = None, timeout: float = 300,
+              previous_key_file: Path | None = None) -> bool:
         """Start a server (armed with ``fault``); True once healthy, False if it exited first (see the log)."""
         port = free_port()
         args = [sys.executable, "-m", "prisp", "serve", "--store", str(self.store), "--model", self.model,
                 "--port", str(port), "--threads", "1", *self.extra_args]
+        if previous_key_file is not None:
+            args += ["--previous-key-file", str(previous_key_file)]
         for task, path in self.anchors.items():
             args += ["--anchor", f"{task}={path}"]
         self.log.parent.mkdir(parents=True, exist_ok=True)

@@ -531,6 +531,25 @@ class AdapterStore:
         write_atomic(self.root / record.file, seal(new_key, plain, aad), private=True)
 
 
+def finish_rotation(root: Path, previous: StoreKey, key: StoreKey) -> int | None:
+    """Finish a key rotation from ``previous`` to ``key`` that was interrupted in the store at ``root``.
+
+    Returns:
+        The data keys re-wrapped now, or None when no rotation from ``previous`` to ``key`` is pending.
+    """
+    db = sqlite3.connect(Path(root) / DB_NAME)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    if meta.get("key_id") != previous.key_id or meta.get("rotating_to") != key.key_id:
+        return None
+    with AdapterStore(Path(root), previous, rotating_to=key.key_id) as store:
+        return store.rotate_to(key)
+
+
 _FIELDS = list(AdapterRecord.__dataclass_fields__)
 _COLUMNS = ", ".join(_FIELDS)
 _MARKS = ", ".join("?" for _ in _FIELDS)
