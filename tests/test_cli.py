@@ -166,6 +166,7 @@ def test_predict_with_pag_profiles(tiny_model_dir, tmp_path, method):
 
 
 @pytest.mark.slow
+@pytest.mark.encoder
 def test_demo_on_the_real_default_model():
     result = invoke("demo", "--tasks", "LaMP-2N", "--personalize", "LaMP-5")
     assert result.exit_code == 0, result.output

@@ -178,6 +178,7 @@ def test_a_batch_run_registers_the_spec_in_its_worker_processes(tiny_model_dir, 
 
 
 @pytest.mark.slow
+@pytest.mark.encoder
 def test_the_example_on_the_default_model(tmp_path):
     """The example README's commands on the real model with the shipped hypernetwork."""
     anchor, user = tmp_path / "anchor", tmp_path / "maya"
