@@ -232,6 +232,34 @@ def test_resume_continues_from_the_saved_step(tiny_llama, tiny_tokenizer, sni, t
                        model_name="tiny", resume=True)
 
 
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_llama, tiny_tokenizer, sni, tmp_path):
+    first = _run(tiny_llama, tiny_tokenizer, sni, tmp_path / "first", epochs=1, eval_instances=0)
+    trained = {k: v.clone() for k, v in first.checkpoint.hypernet.state_dict().items()}
+    # A vanishing learning rate: the new run's weights are where it started from.
+    warm = train_hypernet(tiny_llama, tiny_tokenizer, sni, FakeEncoder(), tmp_path / "warm",
+                          _config(epochs=1, lr=1e-30, eval_instances=0), model_name="tiny",
+                          init_from=tmp_path / "first")
+    after = warm.checkpoint.hypernet.state_dict()
+    assert all(torch.allclose(after[k], trained[k]) for k in trained)
+    assert warm.state.step == 3 and warm.state.epoch == 1  # its own schedule and steps, from zero
+    meta = json.loads((tmp_path / "warm" / "checkpoint" / "hypernet.json").read_text())
+    assert meta["initialised_from"]["path"] == str(tmp_path / "first")
+    assert len(meta["initialised_from"]["weights_sha256"]) == 64
+    fresh = _run(tiny_llama, tiny_tokenizer, sni, tmp_path / "fresh", epochs=1, lr=1e-30, eval_instances=0)
+    assert not all(torch.allclose(fresh.checkpoint.hypernet.state_dict()[k], trained[k]) for k in trained)
+
+    class OtherEncoder(FakeEncoder):
+        name = "base"
+
+    with pytest.raises(DataError, match="uses encoder 'minilm', not 'base'"):
+        train_hypernet(tiny_llama, tiny_tokenizer, sni, OtherEncoder(), tmp_path / "w2", _config(epochs=1),
+                       model_name="tiny", init_from=tmp_path / "first")
+    with pytest.raises(DataError, match="trained for base model 'tiny', not 'other'"):
+        train_hypernet(tiny_llama, tiny_tokenizer, sni, FakeEncoder(), tmp_path / "w3", _config(epochs=1),
+                       model_name="other", init_from=tmp_path / "first")
+    assert not (tmp_path / "w2" / "checkpoint").exists() and not (tmp_path / "w3" / "checkpoint").exists()
+
+
 class Interrupted(Exception):
     """Stands for the process dying right after a checkpoint was written."""
 
@@ -387,3 +415,17 @@ def test_cli_anchor_and_train_end_to_end(tiny_model_dir, tmp_path):
     assert meta["encoder"] == "base" and meta["data_sha256"] == load_sni(data).sha256 and meta["state"]["done"]
     bad = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "r2"), "--data", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+    warm = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "warm"), "--data", str(data),
+                                        "--model", str(tiny_model_dir), "--encoder", "base", "--epochs", "1",
+                                        "--batch-size", "4", "--max-length", "48", "--eval-instances", "0",
+                                        "--init-from", str(tmp_path / "run")])
+    assert warm.exit_code == 0, warm.output
+    meta = json.loads((tmp_path / "warm" / "checkpoint" / "hypernet.json").read_text())
+    assert meta["initialised_from"]["path"] == str(tmp_path / "run") and meta["state"]["done"]
+    both = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "run"), "--data", str(data),
+                                        "--init-from", "shipped", "--resume"])
+    assert both.exit_code == 2 and "give one of them" in both.output
+    unshipped = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "r3"), "--data", str(data),
+                                             "--model", str(tiny_model_dir), "--init-from", "shipped"])
+    assert unshipped.exit_code == 2 and "no hypernet checkpoint ships" in unshipped.output
+    assert not (tmp_path / "r3").exists()

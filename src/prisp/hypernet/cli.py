@@ -72,15 +72,26 @@ def train_command(
     eval_instances: int = typer.Option(2, min=0, help="Held-out instances per task for ROUGE-L (0: skip)."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="Continue exactly from OUT/checkpoint (its optimiser state and LR schedule)."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's weights (e.g. the shipped one: "
+                                                        "'shipped') with a fresh optimiser and schedule."),
     threads: Optional[str] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Train the hypernetwork (resumable; logs loss per step, held-out metrics per epoch)."""
     import logging
 
+    from prisp.errors import PrispError
+    from prisp.hypernet.checkpoint import shipped_checkpoint
     from prisp.hypernet.data import load_sni
     from prisp.hypernet.encoders import make_encoder
     from prisp.hypernet.recipe import HyperTrainConfig, train_hypernet
     from prisp.models import load_model
+
+    if init_from is not None and resume:
+        raise PrispError("--init-from starts a new run; --resume continues one: give one of them")
+    if init_from is not None and str(init_from) == "shipped":
+        init_from = shipped_checkpoint(model)
+        if init_from is None:
+            raise PrispError(f"no hypernet checkpoint ships for {model}; give --init-from DIR")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     quiet_transformers()
@@ -92,7 +103,7 @@ def train_command(
     loaded = load_model(model)
     description_encoder = make_encoder(encoder.value, loaded.model, loaded.tokenizer)
     result = train_hypernet(loaded.model, loaded.tokenizer, sni, description_encoder, out, config, model_name=model,
-                            command=_command_line(), resume=resume)
+                            command=_command_line(), resume=resume, init_from=init_from)
     final = result.state.history[-1] if result.state.history else {}
     typer.echo(f"hypernet at {result.out_dir / 'checkpoint'}: {result.state.step} steps, held-out loss "
                f"{final.get('heldout_loss', float('nan')):.4f} (no adapter "

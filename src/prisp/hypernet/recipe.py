@@ -146,6 +146,7 @@ class RunSpec:
     model_name: str
     command: str = ""
     resume: bool = False
+    init_from: Path | None = None
 
 
 @dataclass
@@ -168,7 +169,7 @@ class _Run:
 
 def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: DescriptionEncoder, out_dir: str | Path,
                    config: HyperTrainConfig, *, model_name: str, command: str = "",
-                   resume: bool = False) -> RunResult:
+                   resume: bool = False, init_from: str | Path | None = None) -> RunResult:
     """Train (or resume training) a hypernetwork; checkpoints go to ``out_dir/checkpoint``.
 
     The run is one learning-rate schedule and one AdamW over all its steps; resuming from a checkpoint
@@ -184,11 +185,16 @@ def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: Descripti
         model_name: Base model name recorded in the checkpoint (e.g. ``smollm2-135m``).
         command: The exact command line, recorded.
         resume: Continue from ``out_dir/checkpoint`` (refused if options or data differ).
+        init_from: Start a new run from this checkpoint's hypernetwork weights (e.g. the shipped one) instead
+            of a random initialisation: training further with a fresh AdamW and its own schedule.
 
     Raises:
-        DataError: No training tasks, or a resume whose data/options differ from the saved run.
+        DataError: No training tasks, a resume whose data/options differ from the saved run, or an
+            ``init_from`` checkpoint for another base model or encoder.
     """
-    run, state = _prepare(RunSpec(base, tokenizer, data, encoder, Path(out_dir), config, model_name, command, resume))
+    spec = RunSpec(base, tokenizer, data, encoder, Path(out_dir), config, model_name, command, resume,
+                   Path(init_from) if init_from is not None else None)
+    run, state = _prepare(spec)
     mode = MODES[config.mode](run)
     if state.done:
         logger.info("run in %s is already complete (step %d)", run.out_dir, state.step)
@@ -229,9 +235,12 @@ def _prepare(spec: RunSpec) -> tuple[_Run, RunState]:
         (out_dir / "log.jsonl").unlink(missing_ok=True)
         torch.manual_seed(config.seed)
         shapes = shapes_for_model(spec.base, LoraSpec().target_modules)
-        hypernet_config = HyperNetConfig.for_shapes(spec.encoder.dim, shapes, **config.hypernet)
-        checkpoint = HyperNetCheckpoint(HyperNet(hypernet_config), base_model=spec.model_name,
-                                        encoder=spec.encoder.name)
+        if spec.init_from is not None:
+            checkpoint = _warm_start(spec, shapes)
+        else:
+            hypernet_config = HyperNetConfig.for_shapes(spec.encoder.dim, shapes, **config.hypernet)
+            checkpoint = HyperNetCheckpoint(HyperNet(hypernet_config), base_model=spec.model_name,
+                                            encoder=spec.encoder.name)
         state, loop = RunState(), None
     checkpoint.meta.update(training_command=spec.command, data_sha256=data.sha256,
                            train_config=asdict(config), data_tasks={"train": len(train_tasks), "heldout": len(heldout)})
@@ -244,6 +253,31 @@ def _prepare(spec: RunSpec) -> tuple[_Run, RunState]:
     run = _Run(wrapper, spec.tokenizer, data, table, eval_rows, heldout_examples, probe, config, checkpoint, out_dir,
                out_dir / "log.jsonl", loop)
     return run, state
+
+
+def _warm_start(spec: RunSpec, shapes: dict) -> HyperNetCheckpoint:
+    """A new run's checkpoint holding ``spec.init_from``'s hypernetwork (refused for another model/encoder)."""
+    source = load_checkpoint(spec.init_from, shapes)
+    if source.base_model != spec.model_name:
+        raise DataError(f"--init-from {spec.init_from} was trained for base model {source.base_model!r}, "
+                        f"not {spec.model_name!r}")
+    if source.encoder != spec.encoder.name:
+        raise DataError(f"--init-from {spec.init_from} uses encoder {source.encoder!r}, not {spec.encoder.name!r}")
+    conflicts = [k for k, v in spec.config.hypernet.items() if getattr(source.config, k, v) != v]
+    if conflicts:
+        raise DataError(f"--init-from keeps the checkpoint's architecture: its {conflicts[0]} is "
+                        f"{getattr(source.config, conflicts[0])!r}, not {spec.config.hypernet[conflicts[0]]!r}")
+    source.hypernet.train()
+    weights = hashlib.sha256()
+    for name, tensor in sorted(source.hypernet.state_dict().items()):
+        weights.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    checkpoint = HyperNetCheckpoint(source.hypernet, base_model=spec.model_name, encoder=spec.encoder.name)
+    # Recorded so the shipped checkpoint says which weights its run continued and how they were trained.
+    checkpoint.meta["initialised_from"] = {"path": str(spec.init_from), "weights_sha256": weights.hexdigest(),
+                                           "training_command": source.meta.get("training_command"),
+                                           "training": source.meta.get("training")}
+    logger.info("new run initialised from %s (weights sha256 %s)", spec.init_from, weights.hexdigest()[:12])
+    return checkpoint
 
 
 def _resumed(spec: RunSpec, ckpt_dir: Path) -> tuple[HyperNetCheckpoint, RunState, TrainState | None]:
