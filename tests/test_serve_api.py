@@ -639,3 +639,22 @@ def test_a_job_past_its_timeout_fails_and_the_queue_moves_on():
     statuses = [(r["job_id"], r["status"]) for r in records]
     assert (slow.job_id, "running") in statuses and statuses[-1] != (slow.job_id, "succeeded")
     queue.shutdown()
+
+
+def test_a_job_is_journalled_queued_before_it_can_run():
+    """A crash as the job starts must leave its record (the kill test finds the job by it), and a slow journal
+    write of ``queued`` must never land after the worker's ``running``."""
+    from prisp.serve.jobs import JobQueue
+
+    records = []
+
+    def slow_journal(record):
+        if record["status"] == "queued":
+            time.sleep(0.2)  # the worker would record "running" meanwhile if it were already scheduled
+        records.append(record["status"])
+
+    queue = JobQueue(4, journal=slow_journal)
+    queue.submit("u1", "LaMP-4", "personalize", lambda cancelled: 1)
+    assert queue.wait_idle(10)
+    assert records == ["queued", "running", "succeeded"]
+    queue.shutdown()

@@ -84,8 +84,12 @@ class JobQueue:
             job = Job(job_id=f"j_{secrets.token_hex(16)}", user_id=user_id, task=task, kind=kind,
                       status=QUEUED, created_at=time.time())
             self._jobs[job.job_id] = job
-            self._futures[job.job_id] = self._executor.submit(self._run, job.job_id, work)
+        # Journalled before the worker may pick it up: otherwise its ``queued`` row could land after (and
+        # overwrite) the worker's ``running`` one, and a crash right then would leave no record of the job.
         self._record(job)
+        with self._lock:
+            if job.job_id in self._jobs:  # not forgotten (its user deleted) in between
+                self._futures[job.job_id] = self._executor.submit(self._run, job.job_id, work)
         return job
 
     def cancelled(self, job_id: str) -> bool:
