@@ -49,7 +49,7 @@ TASK_ADAPTATION = StageHyperparams(6, 3, 1e-4)
 SCHEDULES = ("paper", "tuned")
 TUNED: dict[str, dict[str, StageHyperparams]] = {
     "prisp": {
-        "LaMP-1": StageHyperparams(4, 2, 0.003),
+        "LaMP-1": StageHyperparams(4, 2, 0.003, lr_C=0.03),
         "LaMP-2N": StageHyperparams(4, 1, 0.003, lr_C=0.1),
         "LaMP-4": StageHyperparams(4, 1, 0.003),
         "LaMP-5": StageHyperparams(4, 2, 0.003),
