@@ -287,7 +287,8 @@ def report(records: list[dict], meta: dict) -> str:
             lines.append(f"| (none) | anchor | {anchor['users']} | {_fmt(anchor['held_nll'])} | "
                          f"{_fmt(anchor['held_score'])} | {_fmt(anchor['query_nll'])} | "
                          f"{_fmt(anchor['query_score'])} | 0 | 0 | – |")
-        for strategy in STRATEGIES:
+        others = sorted({s for _, s, _ in table} - set(STRATEGIES) - {"-"})  # e.g. --strategies pissa,lora-ga
+        for strategy in (*STRATEGIES, *others):
             for cell in [c["cell"] for c in cells(strategy)[1:]]:
                 row = table.get((task, strategy, cell))
                 if not row:

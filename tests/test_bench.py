@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from prisp.adapters import LoraSpec, random_init
+from prisp.adapters import LoraSpec, random_init, shapes_for_model
 from prisp.batch import available_cores
 from prisp.bench import Anchor, BenchConfig, grid, profile_config, run_bench
 from prisp.bench.cli import bench_command
@@ -19,6 +19,8 @@ from prisp.bench.report import cost_summary
 from prisp.bench.results import ResultStore, row_key
 from prisp.cli import app as prisp_app
 from prisp.errors import PrispError
+from prisp.models import load_model
+from prisp.personalize import STRATEGIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -199,6 +201,27 @@ def test_prisp_anchor_comes_from_the_pluggable_provider(tiny_model_dir, tmp_path
     assert calls == ["LaMP-4"] and outcome.written == 1
     assert row["anchor"] == "test-hypernet" and row["requires_task_data"] is False
     assert not (tmp_path / "cache" / "LaMP-4" / "anchors").exists()  # no task data touched
+
+
+def test_table4_starts_are_bench_rows_with_their_cost(tiny_model_dir, tmp_path):
+    """PiSSA and LoRA-GA run as personal methods: rows with A and B trainable (App. D), time and memory, in the
+    report's main and cost tables; they take no task data (the anchor gives only the LoRA's shape)."""
+    def provider(request):
+        return Anchor(random_init(request.base, LoraSpec(), seed=7), "test-hypernet", requires_task_data=False)
+
+    config = profile_config("quick", model=str(tiny_model_dir), out=tmp_path, tasks=("LaMP-4",),
+                            methods=("pissa", "lora-ga"), variants=("np",), data_sizes=(), users=1,
+                            progress=False)
+    outcome = run_bench(config, prisp_anchor=provider)
+    rows = {row["method"]: row for row in _rows(tmp_path)}
+    assert outcome.written == 2 and set(rows) == {"pissa", "lora-ga"}
+    shapes = shapes_for_model(load_model(str(tiny_model_dir)).model)
+    expected = sum(STRATEGIES["pissa"].trainable_formula(d_in, d_out, 8) for d_in, d_out in shapes.values())
+    for row in rows.values():
+        assert row["trainable_params"] == expected and row["requires_task_data"] is False
+        assert row["seconds"] > 0 and row["peak_memory_mb"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| PiSSA |" in report and "| LoRA-GA |" in report
 
 
 def test_bad_options_are_one_line_errors():

@@ -111,7 +111,8 @@ def personalize_user(base: LoadedModel, anchor: LoraWeights | str | os.PathLike,
         task: the task the history belongs to.
         history: the user's items, dicts with the task's profile fields (``id``, optional ``date``) or
             ``ProfileItem``.
-        strategy: ``prisp`` (B and the bridge C), ``oppu``, ``no-bridge``, ``bridge-only``, ``full-lora``.
+        strategy: ``prisp`` (B and the bridge C), ``oppu``, ``no-bridge``, ``bridge-only``, ``full-lora``,
+            ``pissa``, ``lora-ga`` (Table 4: SVD-based starts on the base model).
         schedule: ``paper`` (Table 7) or ``tuned`` (the searched schedule, LaMP-1/2N/4/5).
         labels: the label list for classification tasks whose labels come with the data (LaMP-2N);
             default: the task's own.

@@ -55,7 +55,7 @@ def predict(
     data: Optional[Path] = typer.Option(None, help="Data directory [default: $PRISP_DATA or the packaged sample]."),
     split: str = typer.Option("dev", help="Split name: reads {split}_questions.json."),
     method: str = typer.Option("np", help="np | rag | pag | rag+pag, or a personalization strategy: prisp | oppu | "
-                                          "full-lora | no-bridge | bridge-only (needs --anchor)."),
+                                          "full-lora | no-bridge | bridge-only | pissa | lora-ga (needs --anchor)."),
     anchor: Optional[Path] = typer.Option(None, help="Anchor LoRA directory for personalized methods."),
     rag: bool = typer.Option(False, help="Personalized methods: also prepend the BM25 top-k item to prompts."),
     pag: bool = typer.Option(False, help="Personalized methods: also prepend the user's PAG profile (written once "
@@ -204,7 +204,7 @@ def personalize_cmd(
     history: Path = typer.Option(..., help="JSON list of LaMP profile items, or a LaMP questions file + --user."),
     out: Path = typer.Option(..., help="Output adapter directory (written atomically)."),
     user: Optional[str] = typer.Option(None, help="Query id whose profile to use, when --history is a questions file."),
-    strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only."),
+    strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only | pissa | lora-ga."),
     k: int = typer.Option(10, help="Most recent history items used."),
     schedule: str = typer.Option("paper", help=SCHEDULE_HELP),
     epochs: Optional[int] = typer.Option(None, help="Epochs over the user's examples [default: the schedule's]."),

@@ -29,7 +29,7 @@ def personalize_batch_command(
     threads: Optional[int] = typer.Option(None, help="torch threads per worker [default: cores // workers]."),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting one."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model (registered name or local directory)."),
-    strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only."),
+    strategy: str = typer.Option("prisp", help="prisp | oppu | full-lora | no-bridge | bridge-only | pissa | lora-ga."),
     seed: int = typer.Option(0, help="Run seed; each user's seed derives from it and the user id."),
     retries: int = typer.Option(2, help="Extra attempts for a user after a transient failure."),
     k: int = typer.Option(10, help="Most recent history items used per user."),

@@ -20,7 +20,7 @@ def bench_command(
     methods: Optional[str] = typer.Option(
         None,
         help="Comma-separated: np, rag, pag, rag+pag, per-pcs, prime, oppu, "
-        "prisp (also anchor = PRISP Stage 1 alone, full-lora, no-bridge, bridge-only).",
+        "prisp (also anchor = PRISP Stage 1 alone, full-lora, no-bridge, bridge-only, pissa, lora-ga).",
     ),
     variants: Optional[str] = typer.Option(
         None, help="Prompt variants of personalized methods: np,rag,pag,rag+pag."

@@ -61,6 +61,9 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         BenchMethod(
             "bridge-only", "Bridge Only", "personal", False, False, strategy="bridge-only", anchor="prisp"
         ),
+        # Table 4: SVD-based starts instead of the hypernetwork's (the anchor gives only the LoRA shape).
+        BenchMethod("pissa", "PiSSA", "personal", False, False, strategy="pissa", anchor="prisp"),
+        BenchMethod("lora-ga", "LoRA-GA", "personal", False, False, strategy="lora-ga", anchor="prisp"),
     )
 }
 DEFAULT_METHODS: tuple[str, ...] = ("np", "rag", "pag", "rag+pag", "per-pcs", "prime", "oppu", "prisp")

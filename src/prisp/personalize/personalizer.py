@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,7 +37,10 @@ from prisp.personalize.hyperparams import (
     personalization_hyperparams,
 )
 from prisp.personalize.strategies import Strategy, get_strategy
+from prisp.personalize.svd_init import svd_start
 from prisp.training import TrainConfig, TrainResult, tokenize_examples, train
+from prisp.training.batches import TokenizedExample, collate, fit_example
+from prisp.training.loop import answer_token_count, causal_lm_loss, micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -133,20 +136,43 @@ class PersonalizeResult:
                 "train": self.train.to_dict(), "adapter_rank": self.weights.spec.r}
 
 
-def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, seed: int):
-    """The user's working model and its trainable parameters."""
-    # OPPU merges the anchor into the targeted weights in place, so only those get private copies.
-    work = shared_copy(base, own_modules=anchor.spec.target_modules if strategy.fresh_lora else ())
-    if strategy.fresh_lora:
-        work = attach_lora(work, anchor).merge_and_unload()
-        start = random_init(work, anchor.spec, seed=seed)
+def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, seed: int,
+             calibrate: Callable[[torch.nn.Module], None] | None = None):
+    """The user's working model, its trainable parameters, and the LoRA to stack onto its export (or None)."""
+    # OPPU merges the anchor into the targeted weights in place, PiSSA / LoRA-GA rewrite them to a residual:
+    # only those weights get private copies.
+    rewrites = strategy.fresh_lora or strategy.svd_init is not None
+    work = shared_copy(base, own_modules=anchor.spec.target_modules if rewrites else ())
+    stacked = None
+    if strategy.svd_init is not None:
+        model, stacked = svd_start(work, anchor.spec, strategy.svd_init, seed, calibrate)
     else:
-        start = anchor
-    model = attach_lora(work, start)
+        if strategy.fresh_lora:
+            work = attach_lora(work, anchor).merge_and_unload()
+            start, stacked = random_init(work, anchor.spec, seed=seed), anchor
+        else:
+            start = anchor
+        model = attach_lora(work, start)
     if strategy.bridge:
         add_bridge(model)
     params = set_trainable(model, strategy.train_A, strategy.train_B, strategy.train_C)
-    return model, params
+    return model, params, stacked
+
+
+def _calibration(tokenized: Sequence[TokenizedExample], config: TrainConfig, pad_id: int):
+    """LoRA-GA's calibration pass: the training loss's gradients over the user's examples (no step taken)."""
+    def run(model: torch.nn.Module) -> None:
+        device = next(model.parameters()).device
+        fitted = [fit_example(e, config.max_length) for e in tokenized]
+        chunks = micro_batches(fitted, config)
+        total = sum(answer_token_count(e) for e in fitted) or 1
+        for chunk in chunks:
+            # peft divides the summed gradient by the number of backward passes: weighting each chunk by its
+            # share of answer tokens times their count makes the result the mean over all answer tokens,
+            # whatever the micro-batching (its scale sets LoRA-GA's initial B).
+            weight = len(chunks) * sum(answer_token_count(e) for e in chunk) / total
+            (causal_lm_loss(model, collate(chunk, pad_id, device)) * weight).backward()
+    return run
 
 
 def _factors(strategy: Strategy, n_params: int) -> list[str]:
@@ -192,17 +218,19 @@ def personalize(base: torch.nn.Module, tokenizer, anchor: LoraWeights, task: str
     anchor.check_fits(base)
     train_config = config.train_config(task)
     tokenized = tokenize_examples(tokenizer, built.examples, train_config.max_length)
-    model, params = _prepare(base, anchor, strategy, config.seed)
+    pad_id = tokenizer.pad_token_id or 0
+    model, params, stacked = _prepare(base, anchor, strategy, config.seed,
+                                      _calibration(tokenized, train_config, pad_id))
     factor_lrs = config.factor_lrs(task)
     param_lrs = [factor_lrs.get(f, train_config.lr) for f in _factors(strategy, len(params))] if factor_lrs else None
-    result = train(model, params, tokenized, train_config, pad_id=tokenizer.pad_token_id or 0, param_lrs=param_lrs)
+    result = train(model, params, tokenized, train_config, pad_id=pad_id, param_lrs=param_lrs)
     if result.truncated:
         logger.warning("%d of %d examples were longer than %d tokens; their prompts were cut from the left",
                        result.truncated, len(tokenized), train_config.max_length)
     model.eval()
     exported = fold_bridge(model) if strategy.bridge else extract_weights(model)
-    if strategy.fresh_lora:
-        exported = stack_loras(anchor, exported)
+    if stacked is not None:  # OPPU's anchor under the user LoRA; PiSSA / LoRA-GA's initial offset
+        exported = stack_loras(stacked, exported)
     return PersonalizeResult(exported, model, strategy.name, task, [i.id for i in built.items],
                              len(built.examples), built.augmented, result,
                              asdict(train_config) | {"schedule": config.schedule} | _lr_fields(factor_lrs))

@@ -21,6 +21,8 @@ class Strategy:
         train_A, train_B, train_C: which LoRA factors receive gradients (C is the r x r bridge).
         bridge: insert the bridge C (identity at start) so that dW = B C A.
         fresh_lora: OPPU: merge the anchor into the base, then train a new LoRA from a random init.
+        svd_init: Table 4: no anchor (only its LoRA shape); a LoRA on the base model started by peft's PiSSA
+            (``pissa``) or LoRA-GA (``lora-ga``) initialiser (``prisp.personalize.svd_init``).
     """
 
     name: str
@@ -30,6 +32,13 @@ class Strategy:
     train_C: bool
     bridge: bool = False
     fresh_lora: bool = False
+    svd_init: str | None = None
+
+    @property
+    def grows_rank(self) -> bool:
+        """Its export stacks another LoRA under the trained one (OPPU's anchor, PiSSA / LoRA-GA's initial
+        offset), so starting again from a user's adapter would add r to the rank every time."""
+        return self.fresh_lora or self.svd_init is not None
 
     def trainable_formula(self, d_in: int, d_out: int, r: int) -> int:
         """Trainable parameters per LoRA module (App. D)."""
@@ -45,6 +54,12 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("bridge-only", "ablation: only the bridge C trained", False, False, True, bridge=True),
         Strategy("oppu", "OPPU: anchor merged into the base, a fresh per-user LoRA (A, B) trained", True, True,
                  False, fresh_lora=True),
+        Strategy("pissa", "Table 4: a LoRA on the base model from its weights' principal singular components "
+                 "(PiSSA), A and B trained; the anchor gives only the LoRA shape", True, True, False,
+                 svd_init="pissa"),
+        Strategy("lora-ga", "Table 4: a LoRA on the base model from the SVD of the user's own calibration "
+                 "gradients (LoRA-GA), A and B trained; the anchor gives only the LoRA shape", True, True, False,
+                 svd_init="lora-ga"),
     )
 }
 

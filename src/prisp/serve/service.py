@@ -227,8 +227,8 @@ class PrispService:
         self.config.personalize.train_config(task)  # a task --schedule tuned does not cover: 422 now, not a failed job
         history = self.parse_items(task, items)
         continues = None
-        if update and get_strategy(self.config.personalize.strategy).fresh_lora:
-            # OPPU stacks a fresh LoRA on its start: every update would add another r to the adapter's rank.
+        if update and get_strategy(self.config.personalize.strategy).grows_rank:
+            # OPPU, PiSSA and LoRA-GA stack a LoRA under the trained one: every update would add r to the rank.
             raise ServeError(f"update is not available under --strategy {self.config.personalize.strategy} (each "
                              "update would grow the adapter's rank); POST /v1/users/{user_id}/personalize instead")
         current = self.store.current(user_id, task)

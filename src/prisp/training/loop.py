@@ -228,7 +228,7 @@ def _check_params(params: Sequence[nn.Parameter]) -> None:
         raise ValueError("every parameter given to train() must have requires_grad=True")
 
 
-def _target_count(example: TokenizedExample) -> int:
+def answer_token_count(example: TokenizedExample) -> int:
     """Tokens the shifted causal-LM loss scores for this example."""
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
@@ -256,11 +256,11 @@ def _step(model, params, batch, optimizer, config: TrainConfig, loss_fn: LossFn,
     """One optimiser step over ``batch``, in micro-batches weighted by scored tokens."""
     optimizer.zero_grad(set_to_none=True)
     device = params[0].device
-    total = sum(_target_count(e) for e in batch)
+    total = sum(answer_token_count(e) for e in batch)
     value = 0.0
     for chunk in micro_batches(batch, config):
         # Each chunk's loss is a mean over its tokens; re-weighting makes the sum the batch mean.
-        weight = sum(_target_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
+        weight = sum(answer_token_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
         loss = loss_fn(model, collate(chunk, pad_id, device)) * weight
         loss.backward()
         value += loss.item()
