@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Collection, Iterator
 
 import torch
-from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -55,6 +55,18 @@ def shared_copy(model: nn.Module, own_modules: Collection[str] = ()) -> nn.Modul
     return clone
 
 
+def wrap_peft(model: nn.Module, config: LoraConfig) -> PeftModel:
+    """``get_peft_model(model, config)`` (in place, with the LoRA initialisation ``config`` asks for), keeping
+    ``model``'s train/eval mode: peft alone would leave it, dropout included, in train mode."""
+    was_training = model.training
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 method that warns about its own deprecation.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    peft_model.train(was_training)
+    return peft_model
+
+
 def attach_lora(model: nn.Module, weights: LoraWeights) -> PeftModel:
     """Wrap ``model`` with peft LoRA layers holding ``weights``.
 
@@ -65,12 +77,7 @@ def attach_lora(model: nn.Module, weights: LoraWeights) -> PeftModel:
         AdapterError: The adapter does not fit the model, or peft did not take every tensor.
     """
     weights.check_fits(model)
-    was_training = model.training
-    with warnings.catch_warnings():
-        # peft 0.21 calls a transformers 5 method that warns about its own deprecation.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, weights.spec.to_peft_config())
-    peft_model.train(was_training)
+    peft_model = wrap_peft(model, weights.spec.to_peft_config())
     state = weights.to_peft_state_dict()
     result = set_peft_model_state_dict(peft_model, state)
     missing_lora = [k for k in result.missing_keys if "lora_" in k]

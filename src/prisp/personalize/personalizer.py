@@ -39,8 +39,8 @@ from prisp.personalize.hyperparams import (
 from prisp.personalize.strategies import Strategy, get_strategy
 from prisp.personalize.svd_init import svd_start
 from prisp.training import TrainConfig, TrainResult, tokenize_examples, train
-from prisp.training.batches import TokenizedExample, collate, fit_example
-from prisp.training.loop import answer_token_count, causal_lm_loss, micro_batches
+from prisp.training.batches import TokenizedExample, fit_example
+from prisp.training.loop import accumulate_gradients, causal_lm_loss, micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +146,11 @@ def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, see
     stacked = None
     if strategy.svd_init is not None:
         model, stacked = svd_start(work, anchor.spec, strategy.svd_init, seed, calibrate)
+    elif strategy.fresh_lora:
+        work = attach_lora(work, anchor).merge_and_unload()
+        model, stacked = attach_lora(work, random_init(work, anchor.spec, seed=seed)), anchor
     else:
-        if strategy.fresh_lora:
-            work = attach_lora(work, anchor).merge_and_unload()
-            start, stacked = random_init(work, anchor.spec, seed=seed), anchor
-        else:
-            start = anchor
-        model = attach_lora(work, start)
+        model = attach_lora(work, anchor)
     if strategy.bridge:
         add_bridge(model)
     params = set_trainable(model, strategy.train_A, strategy.train_B, strategy.train_C)
@@ -162,16 +160,13 @@ def _prepare(base: torch.nn.Module, anchor: LoraWeights, strategy: Strategy, see
 def _calibration(tokenized: Sequence[TokenizedExample], config: TrainConfig, pad_id: int):
     """LoRA-GA's calibration pass: the training loss's gradients over the user's examples (no step taken)."""
     def run(model: torch.nn.Module) -> None:
-        device = next(model.parameters()).device
         fitted = [fit_example(e, config.max_length) for e in tokenized]
-        chunks = micro_batches(fitted, config)
-        total = sum(answer_token_count(e) for e in fitted) or 1
-        for chunk in chunks:
-            # peft divides the summed gradient by the number of backward passes: weighting each chunk by its
-            # share of answer tokens times their count makes the result the mean over all answer tokens,
-            # whatever the micro-batching (its scale sets LoRA-GA's initial B).
-            weight = len(chunks) * sum(answer_token_count(e) for e in chunk) / total
-            (causal_lm_loss(model, collate(chunk, pad_id, device)) * weight).backward()
+        # peft divides the summed gradient by the number of backward passes (one per micro-batch): scaling by
+        # that count leaves the mean over all answer tokens, whatever the micro-batching (its scale sets
+        # LoRA-GA's initial B).
+        passes = len(micro_batches(fitted, config))
+        accumulate_gradients(model, fitted, config, causal_lm_loss, pad_id, next(model.parameters()).device,
+                             scale=passes)
     return run
 
 

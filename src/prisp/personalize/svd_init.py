@@ -14,12 +14,12 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from peft import LoraGAConfig, PeftModel, get_peft_model
+from peft import LoraGAConfig, PeftModel
 from peft.tuners.lora.loraga import get_target_modules, preprocess_loraga
 from torch import nn
 
 from prisp.adapters import LoraPair, LoraSpec, LoraWeights
-from prisp.adapters.inject import extract_weights
+from prisp.adapters.inject import extract_weights, wrap_peft
 from prisp.errors import PrispError
 
 # Strategy init name -> peft's ``init_lora_weights``.
@@ -46,21 +46,20 @@ def svd_start(work: nn.Module, spec: LoraSpec, init: str, seed: int = 0,
         extra["lora_ga_config"] = LoraGAConfig()
     config = dataclasses.replace(spec.to_peft_config(), **extra)
     # LoRA-GA's randomised SVD (torch.svd_lowrank) draws from the global generator: seed it privately.
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # peft 0.21 calls a transformers 5 method that warns about its own deprecation.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # peft counts LoRA-GA's backward passes with full backward hooks, which torch notes fire on module
-        # outputs when the inputs (frozen activations) need no gradient: that is all they need here.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         if init == "lora-ga":
-            preprocess_loraga(work, config, lambda: calibrate(work))
+            with warnings.catch_warnings():
+                # peft counts LoRA-GA's backward passes with full backward hooks, which torch notes fire on
+                # module outputs when the inputs (frozen activations) need no gradient: all they need here.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                preprocess_loraga(work, config, lambda: calibrate(work))
             missing = [name for name, module in get_target_modules(work, config)
                        if not hasattr(module, "_peft_loraga_grad")]
             if missing:  # peft would fall back to a plain init there without a word
                 raise PrispError(f"LoRA-GA: the calibration pass reached no gradient in {missing[0]} "
                                  f"({len(missing)} modules)")
-        model = get_peft_model(work, config)
+        model = wrap_peft(work, config)
     start = extract_weights(model)
     offset = LoraWeights(spec=start.spec, pairs={key: LoraPair(A=p.A, B=-p.B) for key, p in start.pairs.items()},
                          module_paths=start.module_paths, layers_prefix=start.layers_prefix)

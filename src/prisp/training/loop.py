@@ -228,7 +228,7 @@ def _check_params(params: Sequence[nn.Parameter]) -> None:
         raise ValueError("every parameter given to train() must have requires_grad=True")
 
 
-def answer_token_count(example: TokenizedExample) -> int:
+def _target_count(example: TokenizedExample) -> int:
     """Tokens the shifted causal-LM loss scores for this example."""
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
@@ -252,18 +252,24 @@ def micro_batches(batch: Sequence[TokenizedExample], config: TrainConfig) -> lis
     return chunks
 
 
-def _step(model, params, batch, optimizer, config: TrainConfig, loss_fn: LossFn, pad_id: int) -> float:
-    """One optimiser step over ``batch``, in micro-batches weighted by scored tokens."""
-    optimizer.zero_grad(set_to_none=True)
-    device = params[0].device
-    total = sum(answer_token_count(e) for e in batch)
+def accumulate_gradients(model, batch: Sequence[TokenizedExample], config: TrainConfig, loss_fn: LossFn,
+                         pad_id: int, device: torch.device, scale: float = 1.0) -> float:
+    """Backward ``scale`` x the batch's mean loss over scored tokens, in micro-batches; returns that value."""
+    total = sum(_target_count(e) for e in batch)
     value = 0.0
     for chunk in micro_batches(batch, config):
         # Each chunk's loss is a mean over its tokens; re-weighting makes the sum the batch mean.
-        weight = sum(answer_token_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
-        loss = loss_fn(model, collate(chunk, pad_id, device)) * weight
+        weight = sum(_target_count(e) for e in chunk) / total if total else len(chunk) / len(batch)
+        loss = loss_fn(model, collate(chunk, pad_id, device)) * (weight * scale)
         loss.backward()
         value += loss.item()
+    return value
+
+
+def _step(model, params, batch, optimizer, config: TrainConfig, loss_fn: LossFn, pad_id: int) -> float:
+    """One optimiser step over ``batch``, in micro-batches weighted by scored tokens."""
+    optimizer.zero_grad(set_to_none=True)
+    value = accumulate_gradients(model, batch, config, loss_fn, pad_id, params[0].device)
     if not math.isfinite(value):
         raise FloatingPointError(f"training loss became {value}; lower the learning rate")
     if config.max_grad_norm is not None:
