@@ -123,7 +123,7 @@ def test_unknown_task_names_and_missing_files_are_one_line_errors(tmp_path):
     spec = get_task(str(SPEC))
     with pytest.raises(DataError, match="lacks field"):
         query_prompt(spec, '{"subject": "hi"}')
-    with pytest.raises(PrispError, match="no tuned Stage-2 schedule for the custom task"):
+    with pytest.raises(PrispError, match="no tuned Stage-2 schedule for .*Table 7 has no row"):
         prisp.personalize_user(None, None, spec, [{"id": "1", "ticket": "a", "reply": "b"}], schedule="tuned")
 
 

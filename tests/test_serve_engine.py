@@ -241,3 +241,28 @@ def test_label_requests_share_batches_and_score_through_their_own_adapter(tiny, 
         expected = reference[name, p] if kind == "labels" else alone(users[name], prompts[p], BUDGETS[p])
         assert answer == expected, (name, p, kind)
     assert stats.largest > 1 and stats.requests == len(plan)
+
+
+
+@pytest.mark.slow
+def test_long_form_requests_keep_every_line_in_a_shared_batch():
+    """A long-form task's request (LongLaMP-2: first_line False) gets the whole text while a LaMP-style request
+    in the same batch gets its first line; each equals generate() alone with that setting. The real model, as
+    the tiny random one never writes a newline."""
+    loaded = load_model()
+    weights = random_init(loaded.model, LoraSpec(), seed=0)
+    prompt, budget = query_prompt("LongLaMP-2", '{"title": "Fair Speech Recognition Across Dialects"}'), 48
+    model = attach_lora(copy.deepcopy(loaded.model), weights).eval()
+    whole, first = (generate(model, loaded.tokenizer, [prompt], GenerationConfig(
+        max_new_tokens=budget, batch_size=1, first_line=keep)).texts[0] for keep in (False, True))
+    assert "\n" in whole and first == whole.splitlines()[0].strip()
+    engine = ServingModel(loaded.model, loaded.tokenizer, batch_window_ms=200, max_batch=2, adapter_slots=2)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            long_form = pool.submit(engine.generate, weights, prompt, budget, None, False)
+            one_line = pool.submit(engine.generate, weights, prompt, budget)
+            answers = long_form.result(timeout=120), one_line.result(timeout=120)
+        assert engine.stats().largest == 2  # they shared a batch
+    finally:
+        engine.close()
+    assert answers == (whole, first)

@@ -20,7 +20,8 @@ from prisp.serve.cli import serve_app
 
 app = typer.Typer(help="prisp: private, few-shot personalization of small language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Datasets: download official LaMP files.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: download official LaMP files; write derived tasks' files.",
+                       no_args_is_help=True)
 download_app = typer.Typer(help="Download a benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(serve_app, name="serve")
@@ -96,7 +97,8 @@ def predict(
     config = PredictConfig(method=variant_method(rag, pag) if personalized else method, k=k, history=history,
                            limit=limit, snap_labels=snap, decode=decode, label_normalise=label_normalise,
                            rating_rule=rating_rule,
-                           generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size))
+                           generation=GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size,
+                                                       first_line=spec.first_line))
     split_data = load_task_split(data or default_data_dir(), spec.name, split, require_golds=False)
     loaded = load_for_inference(model, adapter, threads)
     config = with_profiles(config, loaded.model, loaded.tokenizer, model, split_data)
@@ -152,6 +154,32 @@ def eval_cmd(
     for key, value in metrics.items():
         typer.echo(f"{key}: {value:.4f}")
     typer.echo(f"score: {task_score(task, metrics):.4f}")
+
+
+@data_app.command("derive")
+@friendly
+def derive_cmd(
+    task: str = typer.Option(..., help="A derived task, e.g. LongLaMP-2 (built from LaMP-5)."),
+    data: Optional[Path] = typer.Option(None, help="Directory holding the source task's files."),
+    out: Path = typer.Option(..., help="Directory to write <task>/<split>_questions.json and _outputs.json to."),
+    split: list[str] = typer.Option(["train", "dev"], help="Splits to write (repeatable)."),
+) -> None:
+    """Write a derived task's splits as LaMP files (e.g. to score them with prisp eval, or to ship them)."""
+    from prisp.data.lamp import load_task_split, split_documents
+    from prisp.data.tasks import get_task
+    from prisp.files import write_json_atomic
+
+    spec = get_task(task)
+    if not spec.derived_from:
+        raise PrispError(f"{spec.name} is not a derived task; it has its own files")
+    splits = [load_task_split(data or default_data_dir(), spec.name, name) for name in split]  # all, then write
+    for loaded in splits:
+        questions, outputs = split_documents(loaded)
+        folder = out / spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / f"{loaded.split}_questions.json", questions)
+        write_json_atomic(folder / f"{loaded.split}_outputs.json", outputs)
+        typer.echo(f"{spec.name} {loaded.split}: {len(loaded.queries)} queries from {spec.derived_from} -> {folder}")
 
 
 @download_app.command("lamp")

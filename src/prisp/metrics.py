@@ -33,6 +33,12 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def metric_keys(task: str) -> tuple[str, ...]:
+    """The metrics ``evaluate`` reports for ``task``: its kind's, plus ``meteor`` for ``rouge-meteor`` tasks."""
+    spec = get_task(task)
+    return METRIC_KEYS[spec.kind] + (("meteor",) if spec.metric == "rouge-meteor" else ())
+
+
 def evaluate(
     task: str, golds: list[str], preds: list[str], labels: Sequence[str] | None = None
 ) -> dict[str, float]:
@@ -46,7 +52,7 @@ def evaluate(
             (for LaMP-2N the official fallback categories). Ignored for other kinds.
 
     Returns:
-        The metrics named by ``METRIC_KEYS[kind]`` for the task's kind.
+        The metrics named by :func:`metric_keys` (``METRIC_KEYS[kind]``, plus METEOR for LongLaMP-style tasks).
 
     Raises:
         DataError: unknown task, empty input, length mismatch, a non-string entry, an
@@ -61,7 +67,12 @@ def evaluate(
         return classification_metrics(golds, preds, label_list)
     if spec.kind == "regression":
         return regression_metrics(golds, preds)
-    return generation_metrics(golds, preds)
+    metrics = generation_metrics(golds, preds)
+    if spec.metric == "rouge-meteor":
+        from prisp.meteor import meteor_per_query
+
+        metrics["meteor"] = sum(meteor_per_query(golds, preds)) / len(golds)
+    return metrics
 
 
 def _check_pairs(golds: list[str], preds: list[str]) -> None:

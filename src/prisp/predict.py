@@ -151,7 +151,7 @@ def predict_split(model, tokenizer, split: LampSplit, config: PredictConfig,
         raise DataError(f"method {method.name} needs a profile text for every query; query {missing[0]!r} "
                         "has none (generate them with prisp.profiles.split_profiles)")
     prompts = [build_prompt(spec.name, q, method, config, labels) for q in queries]
-    gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens)
+    gen_config = config.generation or GenerationConfig(max_new_tokens=spec.max_new_tokens, first_line=spec.first_line)
     if decode_mode(spec.name, config.decode) == "labels":
         result = _scored(model, tokenizer, prompts, labels, config, gen_config, on_batch, spec.kind == "regression")
         outputs = list(result.texts)

@@ -14,9 +14,8 @@ from prisp.bench.config import BenchConfig
 from prisp.bench.methods import BENCH_METHODS, UNTRAINED_KINDS, VARIANTS
 from prisp.bench.results import KEY_DEFAULTS, git_revision
 from prisp.bench.stats import UserStats, paired_bootstrap
-from prisp.data.tasks import get_task
 from prisp.files import write_atomic
-from prisp.metrics import METRIC_KEYS
+from prisp.metrics import metric_keys
 
 REPORT_NAME = "report.md"
 _SHORT = {
@@ -26,6 +25,7 @@ _SHORT = {
     "RMSE": "RMSE ↓",
     "rouge-1": "R-1 ↑",
     "rouge-L": "R-L ↑",
+    "meteor": "METEOR ↑",
 }
 
 
@@ -82,7 +82,7 @@ def table2(config: BenchConfig, main: Sequence[dict]) -> list[str]:
     best = best_rows(main)
     header = ["Method", "Shared Params", "Requires Task Data"]
     for task in config.tasks:
-        header += [f"{task} {_SHORT[k]}" for k in METRIC_KEYS[get_task(task).kind]]
+        header += [f"{task} {_SHORT[k]}" for k in metric_keys(task)]
     lines = ["| " + " | ".join(header + ["Avg. ↑"]) + " |", "|" + "---|" * (len(header) + 1)]
     notes = []
     for name in _methods(config, main):
@@ -92,7 +92,7 @@ def table2(config: BenchConfig, main: Sequence[dict]) -> list[str]:
         needs = "Yes" if any(r["requires_task_data"] for r in rows if r) else "No"
         cells = [BENCH_METHODS[name].label, shared, needs]
         for task, row in zip(config.tasks, rows):
-            cells += [_fmt(row["metrics"][k]) if row else "–" for k in METRIC_KEYS[get_task(task).kind]]
+            cells += [_fmt(row["metrics"][k]) if row else "–" for k in metric_keys(task)]
         scores = [r["score"] for r in rows if r]
         avg = _fmt(_mean(scores)) + ("" if len(scores) == len(rows) else "*")
         lines.append("| " + " | ".join(cells + [avg]) + " |")

@@ -99,6 +99,7 @@ def predict_config(config: BenchConfig, ctx: TaskContext, split: LampSplit, vari
         max_new_tokens=min(budget, config.max_new_tokens or budget),
         batch_size=config.gen_batch_size,
         max_input_tokens=config.max_input_tokens,
+        first_line=get_task(ctx.task).first_line,
     )
     pconf = PredictConfig(method=variant, history=items, generation=gen, profiles=profiles, decode=config.decode)
     return pconf, seconds

@@ -27,9 +27,6 @@ class Example:
     answer: str
 
 
-# Answers longer than this are clipped (LaMP-1 items train title -> abstract); keeps examples within budget.
-ANSWER_CHARS = 600
-
 
 def item_example(task: str, item: ProfileItem, labels: Sequence[str] = ()) -> Example:
     """One history item as a prompt/answer pair in the task's own prompt (Table 16 for LaMP).
@@ -46,7 +43,7 @@ def item_example(task: str, item: ProfileItem, labels: Sequence[str] = ()) -> Ex
     else:
         inputs = {name: template.format_map(fields) for name, template in spec.history_inputs}
         prompt = fill_prompt(spec, inputs, labels)
-    return Example(prompt, clip(item.fields[spec.answer], ANSWER_CHARS))
+    return Example(prompt, clip(item.fields[spec.answer], spec.answer_chars))
 
 
 @dataclass

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prisp.data.tasks import get_task, normalize_task_name
+from prisp.data.inputs import parse_input
+from prisp.data.tasks import TaskSpec, get_task, normalize_task_name
 from prisp.errors import DataError
 from prisp.files import read_jsonl
 
@@ -251,7 +252,15 @@ def split_paths(data_dir: Path | str, task: str, split: str) -> tuple[Path, Path
 
 
 def load_task_split(data_dir: Path | str, task: str, split: str, require_golds: bool = True) -> LampSplit:
-    """Load ``task``/``split`` from a data directory in any accepted layout."""
+    """Load ``task``/``split`` from a data directory in any accepted layout.
+
+    A derived task (LongLaMP-2) reads its own files where ``prisp data derive`` wrote them (``DIR/<name>/``);
+    otherwise it is built from its source task's split in the same directory, whose golds (the derived inputs)
+    are therefore required.
+    """
+    spec = get_task(task)
+    if spec.derived_from and not (Path(data_dir) / spec.name / f"{split}_questions.json").is_file():
+        return derive_split(spec, load_task_split(data_dir, spec.derived_from, split, require_golds=True))
     questions, outputs = split_paths(data_dir, task, split)
     if not outputs.is_file():
         if require_golds:
@@ -264,3 +273,53 @@ def load_history(path: Path | str, task: str) -> tuple[ProfileItem, ...]:
     """Load one user's history: a JSON list of items with the task's fields, or a JSONL file of them."""
     path = Path(path)
     return parse_profile(read_json(path), normalize_task_name(task), str(path))
+
+
+# ---- derived tasks (``[derived]`` in a spec): LongLaMP-2's abstracts from LaMP-5's records -------------------
+# The derived split keeps the source's users, query ids, histories and split; only each query's input fields and
+# gold are re-made from templates over the source query's parsed input fields and its gold (``{output}``).
+def derive_split(spec: TaskSpec, source: LampSplit) -> LampSplit:
+    """``source`` (a split of ``spec.derived_from``) as a split of ``spec``.
+
+    Raises:
+        DataError: a source query whose input does not parse or has no gold, a template naming a field the
+            source does not have, or history items lacking one of ``spec``'s history fields.
+    """
+    source_spec = get_task(source.task)
+    queries = []
+    for query in source.queries:
+        where = f"{source.questions_path or source.task}: record {query.id!r}"
+        parsed = parse_input(source_spec, query.input)
+        if not parsed.parsed or query.gold is None:
+            raise DataError(f"{where}: {spec.name} is built from {source_spec.name} queries with a parseable input "
+                            "and a gold; this one has " + ("no gold" if parsed.parsed else "an unparseable input"))
+        values = {**parsed.fields, "output": query.gold}
+        inputs = {name: _fill(spec, template, values, where) for name, template in spec.derived_inputs}
+        gold = _fill(spec, spec.derived_answer, values, where)
+        profile = tuple(_item(spec, item, where) for item in query.profile)
+        queries.append(Query(query.id, json.dumps(inputs, ensure_ascii=False, sort_keys=True), profile, gold))
+    return LampSplit(spec.name, source.split, queries, source.questions_path, source.outputs_path)
+
+
+def _fill(spec: TaskSpec, template: str, values: dict[str, str], where: str) -> str:
+    try:
+        return template.format(**values)
+    except KeyError as exc:
+        raise DataError(f"{spec.source} [derived]: {{{exc.args[0]}}} is not a field of {spec.derived_from} "
+                        f"queries (have {', '.join(sorted(values))}; at {where})") from None
+
+
+def _item(spec: TaskSpec, item: ProfileItem, where: str) -> ProfileItem:
+    missing = [name for name in spec.profile_fields if name not in item.fields]
+    if missing:
+        raise DataError(f"{where}, profile item {item.id!r}: {spec.derived_from} history items lack field(s) "
+                        f"{missing} that {spec.name} needs")
+    return ProfileItem(item.id, {name: item.fields[name] for name in spec.profile_fields}, item.date)
+
+
+def split_documents(split: LampSplit) -> tuple[list[dict], dict]:
+    """A split as the LaMP files' two documents: the questions list and the outputs object."""
+    questions = [{"id": q.id, "input": json.loads(q.input) if q.input.startswith("{") else q.input,
+                  "profile": [item.to_json() for item in q.profile]} for q in split.queries]
+    outputs = {"task": split.task, "golds": [{"id": q.id, "output": q.gold} for q in split.queries]}
+    return questions, outputs

@@ -24,6 +24,9 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 KINDS = {"classification": "classification", "rating": "regression", "regression": "regression",
          "generation": "generation"}
 METRICS = {"classification": "accuracy-f1", "regression": "mae-rmse", "generation": "rouge"}
+# Metric sets a task may name instead of its kind's default (long-form generation adds METEOR, as LongLaMP does).
+METRIC_CHOICES = {"classification": ("accuracy-f1",), "regression": ("mae-rmse",),
+                  "generation": ("rouge", "rouge-meteor")}
 INPUT_FORMATS = ("lamp", "fields")
 # A custom task's Stage-2 schedule when its file gives none: the tuned schedule's common row (batch 4, 1 epoch,
 # lr 3e-3; bench/results/schedule_search.md), which learns on small models where Table 7's rates do not.
@@ -56,7 +59,17 @@ class TaskSpec:
         input_pattern, input_marker, input_labels: the ``lamp`` format's regexes (named groups = input fields;
             the text after the marker = the one input field; one group = the comma-separated label list).
         official_dir: the directory on the LaMP download server ("" for custom tasks).
-        schedule: a custom task's Stage-2 schedule (``batch_size``, ``epochs``, ``lr``); LaMP tasks use Table 7.
+        schedule: the Stage-2 schedule (``batch_size``, ``epochs``, ``lr``) of a task without a Table 7 row
+            (custom tasks, LongLaMP-2); LaMP tasks use Table 7.
+        first_line: answers keep their first non-empty line (LaMP answers are one line and small models ramble
+            on); a long-form task sets it false and keeps the whole text.
+        answer_chars: a training answer is clipped to this many characters (short answers stay whole; a long-form
+            task sets it above its longest answer so the model never learns to stop mid-text).
+        metric_set: the metric set when not the kind's default (``rouge-meteor``); see :attr:`metric`.
+        derived_from, derived_inputs, derived_answer: a task whose queries are built from another task's files
+            (LongLaMP-2 from LaMP-5: the same users, splits and histories, with input and answer swapped):
+            each input field and the answer are templates over the source query's input fields and its gold
+            ``output`` (``prisp.data.lamp.load_task_split`` applies them).
         source: the spec file it was read from.
     """
 
@@ -79,6 +92,12 @@ class TaskSpec:
     input_labels: str = ""
     official_dir: str = ""
     schedule: tuple[tuple[str, float], ...] = ()
+    answer_chars: int = 600
+    first_line: bool = True
+    metric_set: str = ""
+    derived_from: str = ""
+    derived_inputs: tuple[tuple[str, str], ...] = ()
+    derived_answer: str = ""
     source: str = ""
     builtin: bool = field(default=False, compare=False)
 
@@ -88,7 +107,7 @@ class TaskSpec:
 
     @property
     def metric(self) -> str:
-        return METRICS[self.kind]
+        return self.metric_set or METRICS[self.kind]
 
     @property
     def input_fields(self) -> tuple[str, ...]:
@@ -147,8 +166,9 @@ def parse_task(raw: Any, where: str, builtin: bool = False) -> TaskSpec:
     if input_format == "lamp" and not builtin:
         raise DataError(f"{where}: input_format 'lamp' is for the built-in LaMP tasks; custom tasks use 'fields'")
     metric = reader.text("metric", METRICS[kind])
-    if metric != METRICS[kind]:
-        raise DataError(f"{where}: a {kind_word} task is scored with metric {METRICS[kind]!r}, got {metric!r}")
+    if metric not in METRIC_CHOICES[kind]:
+        raise DataError(f"{where}: a {kind_word} task is scored with metric "
+                        f"{' or '.join(map(repr, METRIC_CHOICES[kind]))}, got {metric!r}")
     prompt = reader.text("prompt")
     inputs = tuple(n for n in _checked_template(prompt, where, "prompt") if n != "labels")
     if not inputs:
@@ -186,19 +206,37 @@ def parse_task(raw: Any, where: str, builtin: bool = False) -> TaskSpec:
         except re.error as exc:
             raise DataError(f"{where} [input]: bad regular expression {regex!r}: {exc}") from None
     max_new_tokens = reader.integer("max_new_tokens", 8 if kind != "generation" else 64, low=1, high=4096)
-    schedule = _schedule(reader, where) if not builtin else ()
+    answer_chars = reader.integer("answer_chars", 600, low=1, high=100_000)
+    first_line = reader.boolean("first_line", True)
+    # A built-in LaMP task's schedule is its Table 7 row; a built-in without one (LongLaMP-2) names its own.
+    schedule = _schedule(reader, where) if not builtin or "schedule" in reader.raw else ()
     description, official_dir = reader.text("description"), reader.text("official_dir", "")
     labels_from_input = reader.boolean("labels_from_input", False)
-    reader.done(("input", "history", "schedule"))
+    derived = _Reader(reader.table("derived", {}), f"{where} [derived]")
+    derived_from, derived_inputs, derived_answer = "", (), ""
+    if derived.raw:
+        derived_from = derived.text("from")
+        mapping = derived.table("inputs")
+        if sorted(mapping) != sorted(inputs) or not all(isinstance(v, str) for v in mapping.values()):
+            raise DataError(f"{where} [derived] inputs: must map each prompt field {list(inputs)} to a template")
+        for target, template in mapping.items():
+            _checked_template(template, where, f"[derived] inputs.{target}")
+        derived_inputs = tuple((n, mapping[n]) for n in inputs)
+        derived_answer = derived.text("answer")
+        _checked_template(derived_answer, where, "[derived] answer")
+    reader.done(("input", "history", "schedule", "derived"))
     history.done(("inputs",))
     lamp.done(())
+    derived.done(("inputs",))
     return TaskSpec(
         name=name, kind=kind, description=description, prompt=prompt, profile_fields=fields,
         query_fields=retrieval, answer=answer, history_inputs=history_inputs, history_prompt=history_prompt,
         context=context, labels=labels, labels_from_input=labels_from_input,
         max_new_tokens=max_new_tokens, input_format=input_format, input_pattern=pattern, input_marker=marker,
-        input_labels=label_re, official_dir=official_dir, schedule=schedule, source=where,
-        builtin=builtin,
+        input_labels=label_re, official_dir=official_dir, schedule=schedule, answer_chars=answer_chars,
+        first_line=first_line,
+        metric_set="" if metric == METRICS[kind] else metric, derived_from=derived_from,
+        derived_inputs=derived_inputs, derived_answer=derived_answer, source=where, builtin=builtin,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prisp.data.tasks import get_task
+from prisp.data.tasks import DEFAULT_SCHEDULE, get_task
 from prisp.errors import PrispError
 
 
@@ -89,8 +89,8 @@ def check_schedule(schedule: str) -> None:
 def personalization_hyperparams(task: str, strategy: str = "prisp", schedule: str = "paper") -> StageHyperparams:
     """The Stage-2 schedule of ``strategy`` on ``task``; LaMP-2N (news categorization) takes LaMP-2's row.
 
-    A custom task (a spec file) has no Table 7 row and was not searched: ``paper`` means the schedule its file
-    gives (``[schedule]``, default batch 4, 1 epoch, lr 3e-3), and ``tuned`` is refused.
+    A task without a Table 7 row (a custom task's spec file, or LongLaMP-2) and not searched: ``paper`` means
+    the schedule its spec gives (``[schedule]``, default batch 4, 1 epoch, lr 3e-3), and ``tuned`` is refused.
 
     Raises:
         PrispError: an unknown schedule, or ``tuned`` for a task or strategy the search did not cover.
@@ -98,14 +98,16 @@ def personalization_hyperparams(task: str, strategy: str = "prisp", schedule: st
     check_schedule(schedule)
     spec = get_task(task)
     name = spec.name
-    if not spec.builtin:
+    table7 = "LaMP-2" if name == "LaMP-2N" else name
+    if table7 not in PRISP_TABLE7 and not (schedule == "tuned" and name in TUNED.get(strategy, {})):
         if schedule == "tuned":
-            raise PrispError(f"no tuned Stage-2 schedule for the custom task {name}; use --schedule paper (the "
-                             "[schedule] of its spec file), or give --lr, --epochs and --batch-size")
-        row = dict(spec.schedule)
+            raise PrispError(f"no tuned Stage-2 schedule for {name} (Table 7 has no row for it and the search did "
+                             "not cover it); use --schedule paper (the [schedule] of its spec), or give --lr, "
+                             "--epochs and --batch-size")
+        row = dict(spec.schedule or DEFAULT_SCHEDULE)
         return StageHyperparams(int(row["batch_size"]), int(row["epochs"]), float(row["lr"]))
     if schedule == "paper":
-        return PRISP_TABLE7["LaMP-2" if name == "LaMP-2N" else name]
+        return PRISP_TABLE7[table7]
     row = TUNED.get(strategy, {}).get(name)
     if row is None:
         covered = sorted({t for rows in TUNED.values() for t in rows}) or ["none"]

@@ -44,7 +44,7 @@ from torch import nn
 
 from prisp.adapters import LoraWeights
 from prisp.errors import PrispError
-from prisp.generation import GenerationConfig, generate
+from prisp.generation import GenerationConfig, clean_output, generate
 from prisp.scoring import score_labels
 from prisp.serve.slots import AdapterSlots, Owner
 
@@ -80,6 +80,7 @@ class _Request:
     max_new_tokens: int
     owner: Owner | None
     labels: tuple[str, ...] = ()  # non-empty: answer by scoring these labels instead of generating
+    first_line: bool = True  # False: a long-form task's answer keeps every line
     answer: Future = field(default_factory=Future)
 
 
@@ -126,8 +127,9 @@ class ServingModel:
         self._stats = BatchStats()
 
     def generate(self, weights: LoraWeights, prompt: str, max_new_tokens: int,
-                 owner: Owner | None = None) -> str:
-        """Answer ``prompt`` with ``weights`` applied on the base model (greedy, first line).
+                 owner: Owner | None = None, first_line: bool = True) -> str:
+        """Answer ``prompt`` with ``weights`` applied on the base model (greedy; the first line unless
+        ``first_line`` is False).
 
         Blocks until the batch holding this request is done.
 
@@ -143,7 +145,7 @@ class ServingModel:
         """
         if max_new_tokens < 1:
             raise PrispError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        return self._submit(_Request(weights, prompt, max_new_tokens, owner))
+        return self._submit(_Request(weights, prompt, max_new_tokens, owner, first_line=first_line))
 
     def score(self, weights: LoraWeights, prompt: str, labels: tuple[str, ...], owner: Owner | None = None) -> str:
         """The label of ``labels`` most likely as the answer to ``prompt`` under ``weights`` (``decode: labels``).
@@ -253,12 +255,13 @@ class ServingModel:
         texts: list[str | None] = [None] * len(batch)
         free = [i for i, r in enumerate(batch) if not r.labels]
         if free:
+            # Whole texts from the batch; each request then keeps its first line or not (tasks share batches).
             config = GenerationConfig(max_new_tokens=max(batch[i].max_new_tokens for i in free),
-                                      batch_size=len(free))
+                                      batch_size=len(free), first_line=False)
             result = generate(self.slots.model, self.tokenizer, [batch[i].prompt for i in free], config,
                               adapter_names=[names[i] for i in free], budgets=[batch[i].max_new_tokens for i in free])
             for i, text in zip(free, result.texts):
-                texts[i] = text
+                texts[i] = clean_output(text, batch[i].first_line)
         for i, request in enumerate(batch):
             if request.labels:
                 texts[i] = score_labels(self.slots.model, self.tokenizer, [request.prompt], request.labels,

@@ -321,7 +321,8 @@ class PrispService:
         if mode == "labels":
             return self.engine.score(weights, prompt, labels, owner=owner), version
         budget = min(get_task(task).max_new_tokens, self.limits.max_new_tokens)
-        return self.engine.generate(weights, prompt, budget, owner=owner), version
+        return self.engine.generate(weights, prompt, budget, owner=owner,
+                                    first_line=get_task(task).first_line), version
 
     def adapter_for(self, user_id: str, task: str) -> tuple[LoraWeights, int | None]:
         """The weights a user is served with for ``task`` and their version (None: the anchor)."""
