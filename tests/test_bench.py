@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from prisp.adapters import LoraSpec, random_init, shapes_for_model
 from prisp.batch import available_cores
 from prisp.bench import Anchor, BenchConfig, grid, profile_config, run_bench
+from prisp.bench.report import adaptability
 from prisp.bench.cli import bench_command
 from prisp.bench.report import cost_summary
 from prisp.bench.results import ResultStore, row_key
@@ -339,3 +340,31 @@ def test_data_sizes_none_skips_the_sweep_and_bad_sizes_are_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip() == "prisp: error: --data-sizes takes item counts such as 1,5,10 or none, got '1,five'"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.encoder  # Per-Pcs picks sharers with MiniLM
+def test_cross_task_cells_reuse_the_source_pool_and_the_report_divides(tiny_model_dir, tmp_path):
+    """Figure 7: with --cross-task each sharer method also runs on every task with the other task's pool (its
+    sharers, trained on that task's sharer users); the main tables keep own-pool rows only, and the report's
+    adaptability is source-pool score / own-pool score on the same users, with a heat map."""
+    config = profile_config("quick", model=str(tiny_model_dir), out=tmp_path, methods=("per-pcs",),
+                            variants=("np",), data_sizes=(), users=1, cross_task=True, progress=False)
+    assert sorted((c.task, c.source) for c in grid(config, "LaMP-4")) == [("LaMP-4", ""), ("LaMP-4", "LaMP-2N")]
+    outcome = run_bench(config)
+    rows = {(r["task"], r["source"]): r for r in _rows(tmp_path)}
+    assert outcome.written == 4 and set(rows) == {("LaMP-2N", ""), ("LaMP-2N", "LaMP-4"), ("LaMP-4", ""),
+                                                  ("LaMP-4", "LaMP-2N")}
+    for task, other in (("LaMP-2N", "LaMP-4"), ("LaMP-4", "LaMP-2N")):
+        # The reused pool is the other task's: the same sharers its own cell used, and its anchor.
+        assert rows[task, other]["details"]["pool_sharers"] == rows[other, ""]["details"]["pool_sharers"]
+        assert rows[task, other]["details"]["pool_task"] == other and rows[task, ""]["details"]["pool_task"] == task
+    report = (tmp_path / "report.md").read_text()
+    table2 = report.split("## Every prompt variant")[0]
+    assert f"{rows['LaMP-4', '']['score']:.3f}" in report and "Cross-task adaptability (Figure 7)" in report
+    pairs = adaptability(config, list(rows.values()))["per-pcs"]
+    for task, other in (("LaMP-2N", "LaMP-4"), ("LaMP-4", "LaMP-2N")):
+        expected = rows[task, other]["score"] / rows[task, ""]["score"] if rows[task, ""]["score"] else None
+        assert pairs[other, task]["ratio"] == expected
+    assert "main rows" in table2 and "2 main rows" in report  # the two cross rows stay out of the main grid
+    assert (tmp_path / "fig7_adaptability.png").read_bytes().startswith(PNG)
+    assert run_bench(config).written == 0  # resumable: every cell, cross ones included, is keyed

@@ -34,6 +34,14 @@ def bench_command(
     model: Optional[str] = typer.Option(None, help="Base model: registered name, local dir or cached HF id."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     data_sizes: Optional[str] = typer.Option(None, help="Figure 6 user item counts, e.g. 1,5,10,30,50, or none to skip the sweep (default: the profile's)."),
+    cross_task: Optional[bool] = typer.Option(
+        None, "--cross-task/--no-cross-task",
+        help="Figure 7: also run each sharer method (per-pcs, prime) on every task with every other task's sharer "
+        "pool, and report adaptability (default: the profile's).",
+    ),
+    cross_task_users: Optional[int] = typer.Option(
+        None, help="Target users per task of the cross-task cells (default: --users)."
+    ),
     prisp_anchor: Optional[str] = typer.Option(
         None, help="hypernet (falls back to task-adapted) | task-adapted."
     ),
@@ -78,6 +86,8 @@ def bench_command(
         model=model,
         device=device,
         data_sizes=sizes,
+        cross_task=cross_task,
+        cross_task_users=cross_task_users,
         prisp_anchor=prisp_anchor,
         hypernet=hypernet,
         seed=seed,

@@ -60,6 +60,9 @@ class BenchConfig:
         schedule: Stage-2 schedule of PRISP, OPPU and the ablations: ``paper`` (Table 7) or ``tuned`` (searched
             on train users, ``prisp.personalize.hyperparams.TUNED``). Sharer methods keep Table 7's own rows.
         data_sizes, data_size_tasks, data_size_users: Figure 6 sweep over user items (Base variant).
+        cross_task, cross_task_users: Figure 7: every sharer method (Per-Pcs, PriME) of the grid also runs on
+            each task with every *other* task's sharer pool (Base variant, ``cross_task_users`` target users,
+            default ``users``), beside its own pool on the same users; the report's adaptability table divides.
         prisp_anchor: ``hypernet`` (shipped or ``hypernet`` checkpoint; task-adapted when none exists) or
             ``task-adapted``; a callable given to ``run_bench`` overrides both.
         decode: how label tasks are answered: ``free`` (the paper's protocol: greedy generation snapped to a
@@ -97,6 +100,8 @@ class BenchConfig:
     data_sizes: tuple[int, ...] = ()
     data_size_tasks: tuple[str, ...] = ()
     data_size_users: int | None = None
+    cross_task: bool = False
+    cross_task_users: int | None = None
     prisp_anchor: str = "hypernet"
     hypernet: Path | None = None
     workers: int = 1
@@ -120,7 +125,7 @@ class BenchConfig:
             )
         if self.protocol not in PROTOCOLS:
             raise PrispError(f"unknown protocol {self.protocol!r}; expected one of: {', '.join(PROTOCOLS)}")
-        for name in ("users", "task_samples", "data_size_users"):
+        for name in ("users", "task_samples", "data_size_users", "cross_task_users"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PrispError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if any(size < 1 for size in self.data_sizes):

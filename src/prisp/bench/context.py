@@ -34,6 +34,7 @@ class TaskContext:
         loaded,
         embedder: HistoryEmbedder,
         prisp_anchor: AnchorProvider | None = None,
+        contexts: dict[str, TaskContext] | None = None,
     ):
         self.config = config
         self.task = task
@@ -44,6 +45,8 @@ class TaskContext:
         self._targets: dict[int | None, LampSplit] = {}
         self._profiles: dict[str, UserProfile] = {}
         self._anchors: dict[bool, Anchor] = {}
+        self.contexts = contexts if contexts is not None else {}  # the run's contexts, by task
+        self.contexts.setdefault(task, self)
         # The worker pool personal cells run their users on (``--workers`` > 1), started and stopped by
         # the runner around the task's cells; None: in this process.
         self.user_pool: UserPool | None = None
@@ -74,6 +77,12 @@ class TaskContext:
             queries = [q for _, qs in chosen for q in qs]
             self._targets[users] = LampSplit(self.split.task, self.split.split, queries, users=dict(chosen))
         return self._targets[users]
+
+    def source(self, task: str) -> TaskContext:
+        """Another task's context of the same run (built on first use): Figure 7 reuses its sharer pool."""
+        if task not in self.contexts:
+            TaskContext(self.config, task, self.loaded, self.embedder, self.provider, self.contexts)
+        return self.contexts[task]
 
     def task_anchor(self, with_sharer_data: bool = False) -> Anchor:
         """The task-adapted anchor; under the full protocol non-sharer methods also see the sharers' data."""

@@ -1,5 +1,5 @@
 """The report's figures as PNG files: Figure 3 (time and memory bars), Figure 4 (cost vs performance), Figure
-6 (score vs user data size). Drawn with matplotlib's object API on the Agg canvas, so no display or global
+6 (score vs user data size), Figure 7 (cross-task adaptability heat maps). Drawn with matplotlib's object API on the Agg canvas, so no display or global
 backend is touched.
 """
 
@@ -65,5 +65,33 @@ def data_size_curves(path: Path, sizes: Sequence[int], series: Mapping[str, Sequ
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
+
+
+def adaptability_heatmaps(path: Path, tasks: Sequence[str],
+                          methods: Mapping[str, Mapping[tuple[str, str], float | None]]) -> Path:
+    """Figure 7: per sharer method, a source x target heat map of adaptability (%); blank where not run."""
+    import numpy as np
+
+    fig, axes = _figure(3.6 * len(methods), 3.4, ncols=len(methods))
+    axes = np.atleast_1d(axes)
+    for ax, (label, pairs) in zip(axes, methods.items()):
+        grid = np.full((len(tasks), len(tasks)), np.nan)
+        for (source, target), ratio in pairs.items():
+            if ratio is not None:
+                grid[tasks.index(source), tasks.index(target)] = 100 * ratio
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(100.0, float(np.nanmax(grid)) if
+                                                                  np.isfinite(grid).any() else 100.0))
+        for i in range(len(tasks)):
+            for j in range(len(tasks)):
+                text = "–" if i == j else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}")
+                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        ax.set_xlabel("target task")
+        ax.set_ylabel("source task (sharers)")
+        ax.set_title(f"{label} adaptability (%)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
     fig.savefig(path)
     return path

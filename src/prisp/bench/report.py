@@ -39,16 +39,9 @@ def _mean(values) -> float | None:
 
 
 def select_rows(config: BenchConfig, rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """This run's main-grid rows and its data-size rows (same model, protocol, split, decoding and schedule)."""
-    mine = [
-        r
-        for r in rows
-        if (r["model"], r["protocol"], r["split"]) == (config.model, config.protocol, config.split)
-        and r.get("decode", KEY_DEFAULTS["decode"]) == config.decode
-        and r.get("schedule", KEY_DEFAULTS["schedule"]) == config.schedule
-        and r["task"] in config.tasks
-        and r["method"] in config.methods
-    ]
+    """This run's main-grid rows and its data-size rows (same model, protocol, split, decoding and schedule;
+    own-task sharer pools)."""
+    mine = [r for r in _this_run(config, rows) if not r.get("source")]
     main = [r for r in mine if r["items"] == config.items and r["users"] == config.users]
     size_users = config.data_size_users or config.users
     sizes = [
@@ -60,6 +53,74 @@ def select_rows(config: BenchConfig, rows: Sequence[dict]) -> tuple[list[dict], 
         and r["items"] in config.data_sizes
     ]
     return main, sizes
+
+
+def _this_run(config: BenchConfig, rows: Sequence[dict]) -> list[dict]:
+    return [
+        r
+        for r in rows
+        if (r["model"], r["protocol"], r["split"]) == (config.model, config.protocol, config.split)
+        and r.get("decode", KEY_DEFAULTS["decode"]) == config.decode
+        and r.get("schedule", KEY_DEFAULTS["schedule"]) == config.schedule
+        and r["task"] in config.tasks
+        and r["method"] in config.methods
+    ]
+
+
+def adaptability(config: BenchConfig, rows: Sequence[dict]) -> dict[str, dict[tuple[str, str], dict]]:
+    """Figure 7, per sharer method: ``{(source, target): {"score", "own", "ratio"}}`` for every ordered pair of
+    distinct tasks with both rows: Perf(source sharers -> target) / Perf(target sharers -> target), the two on
+    the same target users (Base variant)."""
+    users = config.cross_task_users or config.users
+    cells = {(r["method"], r.get("source") or r["task"], r["task"]): r for r in _this_run(config, rows)
+             if r["variant"] == "np" and r["items"] == config.items and r["users"] == users
+             and BENCH_METHODS[r["method"]].kind == "sharer"}
+    out: dict[str, dict[tuple[str, str], dict]] = {}
+    for (method, source, target), row in sorted(cells.items()):
+        own = cells.get((method, target, target))
+        if source == target or own is None or (source not in config.tasks):
+            continue
+        ratio = row["score"] / own["score"] if own["score"] > 0 else None
+        out.setdefault(method, {})[(source, target)] = {"score": row["score"], "own": own["score"],
+                                                         "ratio": ratio}
+    return out
+
+
+def adaptability_lines(config: BenchConfig, rows: Sequence[dict], out: Path) -> list[str]:
+    """The Figure 7 section: a source x target table of adaptability per sharer method, and the heat map."""
+    table = adaptability(config, rows)
+    if not table:
+        return []
+    users = config.cross_task_users or config.users or "all"
+    lines = ["## Cross-task adaptability (Figure 7)", "",
+             "Adaptability = Perf(source-task sharers -> target task) / Perf(target-task sharers -> target task): "
+             "the source task's sharer LoRAs (and the task-adapted anchor they sit on) reused without retraining, "
+             "the method's selection on the target user's history the only adaptation; Base variant, "
+             f"{users} target users per task, both scores on the same users. PRISP needs no sharers: its anchor "
+             "comes from the target task's description alone, so its adaptability is 100% by construction.", ""]
+    for method, pairs in table.items():
+        label = BENCH_METHODS[method].label
+        sources = [t for t in config.tasks if any(s == t for s, _ in pairs)]
+        targets = [t for t in config.tasks if any(g == t for _, g in pairs)]
+        lines += [f"**{label}** (rows: source, columns: target; cell: adaptability, source-sharer score / own)",
+                  "", "| source \\ target | " + " | ".join(targets) + " |", "|" + "---|" * (len(targets) + 1)]
+        for source in sources:
+            cells = []
+            for target in targets:
+                cell = pairs.get((source, target))
+                cells.append("–" if cell is None else
+                             f"{_pct(cell['ratio'])} ({_fmt(cell['score'])} / {_fmt(cell['own'])})")
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
+        ratios = [c["ratio"] for c in pairs.values() if c["ratio"] is not None]
+        lines += ["", f"Mean adaptability of {label}: {_pct(_mean(ratios))} over {len(ratios)} pairs.", ""]
+    figures.adaptability_heatmaps(out / "fig7_adaptability.png", config.tasks,
+                                  {BENCH_METHODS[m].label: {k: v["ratio"] for k, v in pairs.items()}
+                                   for m, pairs in table.items()})
+    return lines + ["![Figure 7: cross-task adaptability](fig7_adaptability.png)", ""]
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
 
 
 def best_rows(main: Sequence[dict]) -> dict[tuple[str, str], dict]:
@@ -262,6 +323,7 @@ def command_line(config: BenchConfig) -> str:
         f"{','.join(config.methods)} --variants {','.join(config.variants)} --protocol {config.protocol} "
         f"--data {config.data} --split {config.split}{users} --model {config.model} --decode {config.decode} "
         f"--schedule {config.schedule} --data-sizes {sizes} --out {config.out}"
+        + (f" --cross-task --cross-task-users {config.cross_task_users or config.users}" if config.cross_task else "")
     )
 
 
@@ -298,12 +360,14 @@ def write_report(config: BenchConfig, rows: Sequence[dict], missing: Sequence = 
     ]
     lines += paired_lines(config, main)
     lines += _figure_sections(config, main, sizes, out)
+    lines += adaptability_lines(config, rows, out)
     anchor_note = "- PRISP anchor: " + ("; ".join(anchors) if anchors else "not run") + "."
     lines += ["## Notes", "", _TIME_NOTE, _MEMORY_NOTE, anchor_note]
     if missing:
-        lines += ["", f"## Not run ({len(missing)} cells)", "", "| task | method | variant | items | users |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {c.task} | {c.method} | {c.variant} | {c.items} | {c.users} |" for c in missing]
+        lines += ["", f"## Not run ({len(missing)} cells)", "",
+                  "| task | method | variant | items | users | sharers from |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c.task} | {c.method} | {c.variant} | {c.items} | {c.users} | {c.source or c.task} |"
+                  for c in missing]
     path = out / REPORT_NAME
     write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -12,9 +12,11 @@ from pathlib import Path
 from prisp.files import JsonlLog
 
 RESULTS_NAME = "results.jsonl"
-KEY_FIELDS = ("model", "protocol", "split", "decode", "schedule", "task", "method", "variant", "items", "users")
-# Rows written before label decoding and Stage-2 schedules existed were all free decoding at Table 7's schedule.
-KEY_DEFAULTS = {"decode": "free", "schedule": "paper"}
+KEY_FIELDS = ("model", "protocol", "split", "decode", "schedule", "task", "method", "variant", "items", "users",
+              "source")
+# Rows written before label decoding and Stage-2 schedules existed were all free decoding at Table 7's schedule;
+# rows before the cross-task analysis all used their own task's sharer pool.
+KEY_DEFAULTS = {"decode": "free", "schedule": "paper", "source": ""}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Cell:
     variant: str
     items: int  # 0: the whole history
     users: int | None  # requested target users (None: all)
+    source: str = ""  # sharer methods: the task whose sharer pool is reused (Figure 7); "": the cell's own task
 
 
 def row_key(row: dict) -> tuple:

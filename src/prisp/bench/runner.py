@@ -78,9 +78,17 @@ def grid(config: BenchConfig, task: str) -> list[Cell]:
             if get_method(name).kind not in UNTRAINED_KINDS
             for size in config.data_sizes
         ]
+    if config.cross_task and len(config.tasks) > 1:
+        users = config.cross_task_users or config.users
+        cells += [
+            Cell(task, name, "np", config.items, users, source if source != task else "")
+            for name in config.methods
+            if get_method(name).kind == "sharer"
+            for source in config.tasks
+        ]
     unique = {}
     for cell in cells:
-        unique.setdefault((cell.method, cell.variant, cell.items, cell.users), cell)
+        unique.setdefault((cell.method, cell.variant, cell.items, cell.users, cell.source), cell)
     return list(unique.values())
 
 
@@ -159,16 +167,19 @@ def run_personal(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampS
 
 # How each sharer method is built over the pool from the run's config.
 SHARER_METHODS = {
-    "per-pcs": lambda pool, config, embedder: PerPcs(pool, config.per_pcs, embedder),
-    "prime": lambda pool, config, embedder: Prime(pool, config.prime, embedder),
+    "per-pcs": lambda pool, config, embedder, task: PerPcs(pool, config.per_pcs, embedder, task),
+    "prime": lambda pool, config, embedder, task: Prime(pool, config.prime, embedder, task),
 }
 
 
 def run_sharer(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSplit, pconf) -> MethodOutcome:
-    """Per-Pcs or PriME over the task's sharer pool."""
-    pool = ctx.pool
-    builder = SHARER_METHODS[method.name](pool, ctx.config, ctx.embedder)
-    with ctx.progress_bar(len(split.users), f"{ctx.task} {method.name} {cell.variant}") as bar:
+    """Per-Pcs or PriME over the task's sharer pool, or over another task's (``cell.source``, Figure 7: the
+    source task's sharers and the task-adapted anchor they sit on, reused without retraining; the method's
+    selection on the target user's history is the only adaptation)."""
+    pool = ctx.source(cell.source).pool if cell.source else ctx.pool
+    builder = SHARER_METHODS[method.name](pool, ctx.config, ctx.embedder, ctx.task)
+    desc = f"{ctx.task} {method.name} {cell.variant}" + (f" ({cell.source} sharers)" if cell.source else "")
+    with ctx.progress_bar(len(split.users), desc) as bar:
         result = predict_with_sharers(
             ctx.loaded.model,
             ctx.loaded.tokenizer,
@@ -182,6 +193,7 @@ def run_sharer(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSpl
         )
     extra = {
         "method_config": builder.key_payload(),
+        "pool_task": pool.task,
         "pool_size": len(pool.sharers),
         "pool_training_seconds": pool.training_seconds,
         "pool_selection_seconds": pool.details.get("selection_seconds"),
@@ -190,7 +202,8 @@ def run_sharer(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSpl
         "sharer_seconds": _mean([c.sharer_seconds for c in result.users]),
         "targets": [{"user": c.user, "sharers": c.sharers, **c.details} for c in result.users],
     }
-    return MethodOutcome(result.run, result.users, ctx.task_anchor(with_sharer_data=False), extra)
+    anchor = ctx.source(cell.source).task_anchor() if cell.source else ctx.task_anchor(with_sharer_data=False)
+    return MethodOutcome(result.run, result.users, anchor, extra)
 
 
 EXECUTORS = {"prompt": run_prompt, "anchor": run_anchor, "personal": run_personal, "sharer": run_sharer}
@@ -367,12 +380,13 @@ def run_bench(
     if todo:
         loaded = loaded or _load(config)
         embedder = embedder or HistoryEmbedder()
+        contexts: dict[str, TaskContext] = {}  # shared, so a task's pool is built once however many reuse it
         with tqdm(total=todo, desc="bench", unit="row", file=sys.stderr, disable=not config.progress) as bar:
             for task, cells in pending.items():
                 if cells:
-                    written += run_cells(
-                        TaskContext(config, task, loaded, embedder, prisp_anchor), cells, store, bar
-                    )
+                    ctx = contexts.setdefault(task, TaskContext(config, task, loaded, embedder, prisp_anchor,
+                                                                contexts))
+                    written += run_cells(ctx, cells, store, bar)
     write_report(config, store.rows)
     return BenchOutcome(written, total - todo, store.path)
 

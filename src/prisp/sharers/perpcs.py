@@ -128,17 +128,23 @@ class PerPcs:
     name = "per-pcs"
 
     def __init__(
-        self, pool: SharerPool, config: PerPcsConfig = PerPcsConfig(), embedder: HistoryEmbedder | None = None
+        self, pool: SharerPool, config: PerPcsConfig = PerPcsConfig(), embedder: HistoryEmbedder | None = None,
+        task: str | None = None,
     ):
+        """``task``: the target task when it is not the pool's (Figure 7 reuses another task's sharers); its
+        Table 7 row applies."""
         self.pool = pool
         self.config = config
         self.embedder = embedder or HistoryEmbedder()
-        self.top_k = config.top_k or table7_row(PER_PCS_TOP_K, pool.task)
+        self.top_k = config.top_k or table7_row(PER_PCS_TOP_K, task or pool.task)
 
     def key_payload(self) -> dict:
         return {"pool": self.pool.key, "config": asdict(self.config), "top_k": self.top_k}
 
     def _sharer_gates(self, base, tokenizer, labels) -> None:
+        # A sharer's gate reads its own task's examples, so with its own labels (the target's may be another
+        # task's: Figure 7); pools built before labels were kept fall back to the target's, as before.
+        labels = self.pool.labels or labels
         for sharer in self.pool.sharers:
             if sharer.gate is None:  # computed once per pool; its time is charged with the sharer's training
                 with measured() as cost:

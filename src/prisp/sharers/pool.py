@@ -111,6 +111,7 @@ class SharerPool:
     key: str  # names the pool's content (anchor, config, sharer adapters) for caches built on it
     candidates: int = 0
     details: dict = field(default_factory=dict)
+    labels: tuple[str, ...] = ()  # the pool task's label set its sharers were trained with
 
     def nearest(self, embedding: Tensor, n: int | None = None) -> list[tuple[Sharer, float]]:
         """The ``n`` sharers most similar to ``embedding`` (all when None), most similar first."""
@@ -207,4 +208,4 @@ def build_pool(
         model_name, anchor, config.personalize_config(task, 1), task, [i for s in sharers for i in s.items]
     )
     details = {"pool_size": len(sharers), "encoder": embedder.name, "selection_seconds": selection_seconds}
-    return SharerPool(task, anchor, sharers, key, len(candidates), details)
+    return SharerPool(task, anchor, sharers, key, len(candidates), details, tuple(labels))

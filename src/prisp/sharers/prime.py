@@ -122,9 +122,13 @@ class Prime:
     name = "prime"
 
     def __init__(
-        self, pool: SharerPool, config: PrimeConfig = PrimeConfig(), embedder: HistoryEmbedder | None = None
+        self, pool: SharerPool, config: PrimeConfig = PrimeConfig(), embedder: HistoryEmbedder | None = None,
+        task: str | None = None,
     ):
-        table = table7_row(PRIME_TABLE7, pool.task)
+        """``task``: the target task when it is not the pool's (Figure 7); its Table 7 row and answer budget
+        apply."""
+        self.task = task or pool.task
+        table = table7_row(PRIME_TABLE7, self.task)
         self.pool = pool
         self.config = config
         self.embedder = embedder or HistoryEmbedder()
@@ -178,7 +182,7 @@ class Prime:
     def _search(self, base, tokenizer, deltas: Sequence[LoraWeights], probe: HistoryProbe) -> SearchResult:
         """CMA-ES over the merge weights, scoring each candidate on the target's history."""
         budget = (
-            get_task(self.pool.task).max_new_tokens if probe.kind != "text" else self.config.max_new_tokens
+            get_task(self.task).max_new_tokens if probe.kind != "text" else self.config.max_new_tokens
         )
         n_layers = len({layer for layer, _ in self.pool.anchor.pairs})
         dim = len(deltas) * (n_layers if self.config.granularity == "layer" else 1)
