@@ -268,7 +268,7 @@ def test_the_tuned_schedule_is_the_searchs_choice():
             factors = {f: float(v) for f, v in zip("BC", cells[5:]) if v != "–"}
             chosen[cells[0], cells[1]] = (int(cells[4]), int(cells[3]), float(cells[2]), factors)
     assert {(t, s) for t, s in chosen} == {(t, s) for t in SEARCHED for s in ("prisp", "oppu", "no-bridge",
-                                                                             "bridge-only")}
+                                                                             "bridge-only", "pissa", "lora-ga")}
     for (task, strategy), (batch, epochs, lr, factors) in chosen.items():
         config = PersonalizeConfig(strategy=strategy, schedule="tuned")
         loop = config.train_config(task)

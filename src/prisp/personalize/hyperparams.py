@@ -72,6 +72,19 @@ TUNED: dict[str, dict[str, StageHyperparams]] = {
         "LaMP-4": StageHyperparams(4, 1, 0.1),
         "LaMP-5": StageHyperparams(4, 1, 0.1),
     },
+    # Table 4's SVD starts: the same grid plus two lower cells (their optimum sits below PRISP's).
+    "pissa": {
+        "LaMP-1": StageHyperparams(4, 1, 0.001),
+        "LaMP-2N": StageHyperparams(4, 1, 0.0003),
+        "LaMP-4": StageHyperparams(4, 1, 0.001),
+        "LaMP-5": StageHyperparams(4, 1, 0.001),
+    },
+    "lora-ga": {
+        "LaMP-1": StageHyperparams(4, 1, 0.001),
+        "LaMP-2N": StageHyperparams(4, 1, 0.0003),
+        "LaMP-4": StageHyperparams(4, 1, 0.0003),
+        "LaMP-5": StageHyperparams(4, 1, 0.001),
+    },
 }
 
 
