@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from prisp.adapters import LoraSpec, random_init, shapes_for_model
 from prisp.batch import available_cores
 from prisp.bench import Anchor, BenchConfig, grid, profile_config, run_bench
-from prisp.bench.report import adaptability
 from prisp.bench.cli import bench_command
-from prisp.bench.report import cost_summary
+from prisp.bench.report import adaptability, cost_summary
 from prisp.bench.results import ResultStore, row_key
 from prisp.cli import app as prisp_app
+from prisp.data.tasks import get_task
 from prisp.errors import PrispError
 from prisp.models import load_model
 from prisp.personalize import STRATEGIES
@@ -368,3 +368,37 @@ def test_cross_task_cells_reuse_the_source_pool_and_the_report_divides(tiny_mode
     assert "main rows" in table2 and "2 main rows" in report  # the two cross rows stay out of the main grid
     assert (tmp_path / "fig7_adaptability.png").read_bytes().startswith(PNG)
     assert run_bench(config).written == 0  # resumable: every cell, cross ones included, is keyed
+
+
+def test_description_robustness_rows_anchor_from_each_wording(tiny_model_dir, tiny_hypernet_dir, tmp_path):
+    """Figure 8: --descriptions adds Stage 1 (anchor) and Stage 2 (prisp) rows per wording beside the reference's;
+    the paraphrase is the spec's, the imprecise one the nearest SNI train description under the hypernetwork's
+    own encoder; each anchor really differs, and the report tabulates and draws them."""
+    sni = tmp_path / "tasks.jsonl"
+    records = [{"task": f"task{k}", "split": split, "definition": f"Definition {k}.",
+                "descriptions": [text], "instances": [{"input": "q", "output": "a"}]}
+               for k, (split, text) in enumerate([("train", "Write a headline for a news story."),
+                                                  ("train", "Count the vowels in a word."),
+                                                  ("heldout", "Generate a headline for an article.")])]
+    sni.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "bench"
+    config = profile_config("quick", model=str(tiny_model_dir), out=out, tasks=("LaMP-4",), methods=("np",),
+                            variants=("np",), data_sizes=(), users=1, descriptions=("paraphrase", "imprecise"),
+                            sni=sni, hypernet=tiny_hypernet_dir, progress=False)
+    outcome = run_bench(config)
+    rows = {(r["method"], r["description"]): r for r in _rows(out)}
+    assert outcome.written == 7 and set(rows) == {("np", ""), *{(m, d) for m in ("anchor", "prisp")
+                                                                for d in ("", "paraphrase", "imprecise")}}
+    wording = {d: rows["anchor", d]["details"]["description"] for d in ("paraphrase", "imprecise")}
+    assert wording["paraphrase"]["text"] == dict(get_task("LaMP-4").alt_descriptions)["paraphrase"]
+    assert wording["imprecise"]["text"] in {"Write a headline for a news story.", "Count the vowels in a word."}
+    assert "nearest SNI train description" in wording["imprecise"]["origin"]
+    assert rows["prisp", "imprecise"]["details"]["description"] == wording["imprecise"]
+    adapters = {p.name for p in (out / "cache" / "LaMP-4" / "adapters").iterdir()}
+    assert len(adapters) == 3  # one user's Stage 2 from three different anchors
+    report = (out / "report.md").read_text()
+    assert "## Description robustness (Figure 8)" in report and wording["paraphrase"]["text"] in report
+    assert "1 main rows" in report  # the wording rows stay out of the main grid
+    assert (out / "fig8_descriptions.png").read_bytes().startswith(PNG)
+    with pytest.raises(PrispError, match="--descriptions takes"):
+        profile_config("quick", descriptions=("vague",))

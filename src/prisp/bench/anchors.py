@@ -19,6 +19,7 @@ from pathlib import Path
 from prisp.adapters import LoraWeights, load_adapter, save_adapter
 from prisp.data.lamp import Query
 from prisp.data.tasks import TASKS, get_task
+from prisp.errors import PrispError
 from prisp.personalize import task_adapt
 from prisp.personalize.hyperparams import TASK_ADAPTATION
 from prisp.training import TrainConfig
@@ -50,6 +51,7 @@ class AnchorRequest:
     task: str
     hypernet: Path | None
     task_adapted: Callable[[], Anchor]
+    description: str | None = None  # another wording than the task's own (Figure 8)
 
 
 AnchorProvider = Callable[[AnchorRequest], Anchor]
@@ -101,6 +103,9 @@ def hypernet_anchor(request: AnchorRequest) -> Anchor:
     from prisp.hypernet.checkpoint import shipped_checkpoint
 
     if request.hypernet is None and shipped_checkpoint(request.model_name) is None:
+        if request.description is not None:
+            raise PrispError(f"no hypernetwork checkpoint for {request.model_name}: an anchor from another "
+                             "description needs one (--hypernet)")
         logger.warning(
             "no hypernetwork checkpoint for %s: PRISP starts from the task-adapted anchor", request.model_name
         )
@@ -110,13 +115,15 @@ def hypernet_anchor(request: AnchorRequest) -> Anchor:
         )
     start = time.perf_counter()
     anchorer = Anchorer.load(request.hypernet, request.model_name, request.base, request.tokenizer)
-    weights = anchorer.generate(get_task(request.task).description).weights
+    weights = anchorer.generate(request.description or get_task(request.task).description).weights
     where = request.hypernet or "shipped"
     return Anchor(weights, f"hypernet ({where})", False, time.perf_counter() - start)
 
 
 def task_adapted_provider(request: AnchorRequest) -> Anchor:
     """Provider that always uses the task-adapted anchor (an ablation: PRISP's Stage 2 with task data)."""
+    if request.description is not None:
+        raise PrispError("--descriptions needs the hypernet anchor: a task-adapted anchor reads no description")
     return request.task_adapted()
 
 

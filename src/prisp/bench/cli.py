@@ -42,6 +42,14 @@ def bench_command(
     cross_task_users: Optional[int] = typer.Option(
         None, help="Target users per task of the cross-task cells (default: --users)."
     ),
+    descriptions: Optional[str] = typer.Option(
+        None, help="Figure 8: other description wordings to anchor from, e.g. paraphrase,imprecise (Stage 1 and "
+        "Stage 2 rows beside the reference's)."
+    ),
+    sni: Optional[Path] = typer.Option(
+        None, help="SNI tasks.jsonl an imprecise wording is chosen from (default: $PRISP_SNI or "
+        "../shared/data/sni/tasks.jsonl)."
+    ),
     prisp_anchor: Optional[str] = typer.Option(
         None, help="hypernet (falls back to task-adapted) | task-adapted."
     ),
@@ -88,6 +96,8 @@ def bench_command(
         data_sizes=sizes,
         cross_task=cross_task,
         cross_task_users=cross_task_users,
+        descriptions=_csv(descriptions),
+        sni=sni,
         prisp_anchor=prisp_anchor,
         hypernet=hypernet,
         seed=seed,

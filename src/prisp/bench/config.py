@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prisp.batch.config import WorkerPlan, available_cores
+from prisp.bench.descriptions import check_kinds
 from prisp.bench.methods import DEFAULT_METHODS, VARIANTS, get_method
 from prisp.data.locations import SAMPLE_DIR, default_data_dir
 from prisp.data.tasks import normalize_task_name
@@ -63,6 +64,10 @@ class BenchConfig:
         cross_task, cross_task_users: Figure 7: every sharer method (Per-Pcs, PriME) of the grid also runs on
             each task with every *other* task's sharer pool (Base variant, ``cross_task_users`` target users,
             default ``users``), beside its own pool on the same users; the report's adaptability table divides.
+        descriptions, sni: Figure 8: Stage 1 (``anchor``) and Stage 2 (``prisp``) from the reference description
+            and each named other wording (``paraphrase``, ``imprecise``; Base variant); an imprecise wording a
+            spec does not give is the nearest SNI train description in ``sni`` (default ``$PRISP_SNI`` or
+            ``../shared/data/sni/tasks.jsonl``).
         prisp_anchor: ``hypernet`` (shipped or ``hypernet`` checkpoint; task-adapted when none exists) or
             ``task-adapted``; a callable given to ``run_bench`` overrides both.
         decode: how label tasks are answered: ``free`` (the paper's protocol: greedy generation snapped to a
@@ -102,6 +107,8 @@ class BenchConfig:
     data_size_users: int | None = None
     cross_task: bool = False
     cross_task_users: int | None = None
+    descriptions: tuple[str, ...] = ()
+    sni: Path | None = None
     prisp_anchor: str = "hypernet"
     hypernet: Path | None = None
     workers: int = 1
@@ -135,6 +142,7 @@ class BenchConfig:
         if self.decode not in ("free", "labels", "auto"):
             raise PrispError(f"--decode must be free, labels or auto, got {self.decode!r}")
         check_schedule(self.schedule)
+        check_kinds(self.descriptions)
         if self.prisp_anchor not in ("hypernet", "task-adapted"):
             raise PrispError(f"--prisp-anchor must be hypernet or task-adapted, got {self.prisp_anchor!r}")
 

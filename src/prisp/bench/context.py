@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from prisp.adapters import attach_lora, shared_copy
 from prisp.bench.anchors import ANCHOR_PROVIDERS, Anchor, AnchorProvider, AnchorRequest, task_adapted_anchor
 from prisp.bench.config import BenchConfig
+from prisp.bench.descriptions import Description, description
 from prisp.bench.pool import UserPool
 from prisp.data.lamp import LampSplit, load_task_split
-from prisp.data.tasks import label_set
+from prisp.data.tasks import get_task, label_set
 from prisp.profiles import ProfileStore, UserProfile, query_profiles, split_profiles
 from prisp.sharers import HistoryEmbedder, SharerPool, build_pool
 
@@ -45,6 +46,7 @@ class TaskContext:
         self._targets: dict[int | None, LampSplit] = {}
         self._profiles: dict[str, UserProfile] = {}
         self._anchors: dict[bool, Anchor] = {}
+        self._described: dict[str, tuple[Description, Anchor]] = {}
         self.contexts = contexts if contexts is not None else {}  # the run's contexts, by task
         self.contexts.setdefault(task, self)
         # The worker pool personal cells run their users on (``--workers`` > 1), started and stopped by
@@ -122,6 +124,29 @@ class TaskContext:
             lambda: self.task_anchor(with_sharer_data=False),
         )
         return self.provider(request)
+
+    def described_anchor(self, kind: str) -> tuple[Description, Anchor]:
+        """Figure 8: the ``kind`` wording of the task's description and the PRISP anchor generated from it."""
+        if kind not in self._described:
+            sni_tasks = encoder = None
+            if kind == "imprecise" and "imprecise" not in dict(get_task(self.task).alt_descriptions):
+                from prisp.data.locations import default_sni_file
+                from prisp.hypernet.anchor import Anchorer
+                from prisp.hypernet.data import load_sni
+
+                sni_tasks = load_sni(self.config.sni or default_sni_file()).tasks
+                encoder = Anchorer.load(self.config.hypernet, self.config.model, self.loaded.model,
+                                        self.loaded.tokenizer).encoder  # the hypernetwork's own encoder
+            wording = description(self.task, kind, sni_tasks, encoder)
+            request = AnchorRequest(self.loaded.model, self.loaded.tokenizer, self.config.model, self.task,
+                                    self.config.hypernet, lambda: self.task_anchor(with_sharer_data=False),
+                                    description=wording.text)
+            self._described[kind] = (wording, self.provider(request))
+        return self._described[kind]
+
+    def anchor_for(self, kind: str) -> Anchor:
+        """The PRISP anchor from the reference description (``""``) or another wording."""
+        return self.described_anchor(kind)[1] if kind else self.prisp_anchor
 
     @cached_property
     def prompt_model(self):

@@ -1,5 +1,5 @@
 """The report's figures as PNG files: Figure 3 (time and memory bars), Figure 4 (cost vs performance), Figure
-6 (score vs user data size), Figure 7 (cross-task adaptability heat maps). Drawn with matplotlib's object API on the Agg canvas, so no display or global
+6 (score vs user data size), Figure 7 (cross-task adaptability heat maps), Figure 8 (score per description wording and stage). Drawn with matplotlib's object API on the Agg canvas, so no display or global
 backend is touched.
 """
 
@@ -93,5 +93,24 @@ def adaptability_heatmaps(path: Path, tasks: Sequence[str],
         ax.set_ylabel("source task (sharers)")
         ax.set_title(f"{label} adaptability (%)", fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(path)
+    return path
+
+
+def robustness_bars(path: Path, tasks: Sequence[str],
+                    series: Mapping[str, Mapping[str, Sequence[float | None]]]) -> Path:
+    """Figure 8: one panel per stage, grouped bars of score per task, one bar per description wording."""
+    fig, axes = _figure(4.2 * len(series), 3.4, ncols=len(series))
+    axes = axes if len(series) > 1 else [axes]
+    for ax, (stage, kinds) in zip(axes, series.items()):
+        width = 0.8 / max(1, len(kinds))
+        for i, (kind, scores) in enumerate(kinds.items()):
+            xs = [t + (i - (len(kinds) - 1) / 2) * width for t in range(len(tasks))]
+            ax.bar(xs, [s if s is not None else 0.0 for s in scores], width, color=f"C{i}", label=kind)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
+        ax.set_ylabel("score")
+        ax.set_title(stage)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.savefig(path)
     return path

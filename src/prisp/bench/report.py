@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from prisp.bench import figures
@@ -41,7 +42,7 @@ def _mean(values) -> float | None:
 def select_rows(config: BenchConfig, rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """This run's main-grid rows and its data-size rows (same model, protocol, split, decoding and schedule;
     own-task sharer pools)."""
-    mine = [r for r in _this_run(config, rows) if not r.get("source")]
+    mine = [r for r in _this_run(config, rows) if not r.get("source") and not r.get("description")]
     main = [r for r in mine if r["items"] == config.items and r["users"] == config.users]
     size_users = config.data_size_users or config.users
     sizes = [
@@ -117,6 +118,51 @@ def adaptability_lines(config: BenchConfig, rows: Sequence[dict], out: Path) -> 
                                   {BENCH_METHODS[m].label: {k: v["ratio"] for k, v in pairs.items()}
                                    for m, pairs in table.items()})
     return lines + ["![Figure 7: cross-task adaptability](fig7_adaptability.png)", ""]
+
+
+def robustness(config: BenchConfig, rows: Sequence[dict]) -> dict[tuple[str, str, str], dict]:
+    """Figure 8: ``{(kind, stage, task): row}`` for the reference and each other description wording; stage
+    ``"Stage 1"`` is the anchor alone, ``"Stage 2"`` PRISP from it (Base variant)."""
+    stages = {"anchor": "Stage 1", "prisp": "Stage 2"}
+    return {(r.get("description") or "reference", stages[r["method"]], r["task"]): r
+            for r in _this_run_all_methods(config, rows)
+            if r["method"] in stages and r["variant"] == "np" and r["items"] == config.items
+            and r["users"] == config.users and not r.get("source")
+            and (r.get("description") or "") in ("", *config.descriptions)}
+
+
+def robustness_lines(config: BenchConfig, rows: Sequence[dict], out: Path) -> list[str]:
+    """The Figure 8 section: score per description wording and stage, per task and averaged, and the figure."""
+    if not config.descriptions:
+        return []
+    cells = robustness(config, rows)
+    kinds = ["reference", *config.descriptions]
+    lines = ["## Description robustness (Figure 8)", "",
+             f"Stage 1: the anchor generated from each wording alone; Stage 2: PRISP from that anchor. Base variant, "
+             f"{config.users or 'all'} users per task, label answers by `{config.decode}` decoding.", "",
+             "| description | stage | " + " | ".join(config.tasks) + " | Avg. |", "|" + "---|" * (len(config.tasks) + 3)]
+    series: dict[str, dict[str, list[float | None]]] = {}
+    for kind in kinds:
+        for stage in ("Stage 1", "Stage 2"):
+            scores = [cells[kind, stage, t]["score"] if (kind, stage, t) in cells else None for t in config.tasks]
+            done = [s for s in scores if s is not None]
+            avg = _fmt(_mean(done)) + ("" if len(done) == len(scores) else "*")
+            lines.append(f"| {kind} | {stage} | " + " | ".join(_fmt(s) for s in scores) + f" | {avg} |")
+            series.setdefault(stage, {})[kind] = scores
+    lines += ["", "Wordings (the reference is the task's own description):", ""]
+    for task in config.tasks:
+        for kind in config.descriptions:
+            row = cells.get((kind, "Stage 1", task)) or cells.get((kind, "Stage 2", task))
+            if row and row["details"].get("description"):
+                d = row["details"]["description"]
+                lines.append(f"- {task} {kind} ({d['origin']}): \"{d['text']}\"")
+    figures.robustness_bars(out / "fig8_descriptions.png", config.tasks, series)
+    return lines + ["", "![Figure 8: description robustness](fig8_descriptions.png)", ""]
+
+
+def _this_run_all_methods(config: BenchConfig, rows: Sequence[dict]) -> list[dict]:
+    # Figure 8's rows are the anchor and PRISP whether or not --methods names them.
+    return _this_run(replace(config, methods=(*config.methods, "anchor", "prisp")), rows)
 
 
 def _pct(value: float | None) -> str:
@@ -324,6 +370,7 @@ def command_line(config: BenchConfig) -> str:
         f"--data {config.data} --split {config.split}{users} --model {config.model} --decode {config.decode} "
         f"--schedule {config.schedule} --data-sizes {sizes} --out {config.out}"
         + (f" --cross-task --cross-task-users {config.cross_task_users or config.users}" if config.cross_task else "")
+        + (f" --descriptions {','.join(config.descriptions)}" if config.descriptions else "")
     )
 
 
@@ -361,6 +408,7 @@ def write_report(config: BenchConfig, rows: Sequence[dict], missing: Sequence = 
     lines += paired_lines(config, main)
     lines += _figure_sections(config, main, sizes, out)
     lines += adaptability_lines(config, rows, out)
+    lines += robustness_lines(config, rows, out)
     anchor_note = "- PRISP anchor: " + ("; ".join(anchors) if anchors else "not run") + "."
     lines += ["## Notes", "", _TIME_NOTE, _MEMORY_NOTE, anchor_note]
     if missing:

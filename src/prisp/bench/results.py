@@ -13,10 +13,10 @@ from prisp.files import JsonlLog
 
 RESULTS_NAME = "results.jsonl"
 KEY_FIELDS = ("model", "protocol", "split", "decode", "schedule", "task", "method", "variant", "items", "users",
-              "source")
+              "source", "description")
 # Rows written before label decoding and Stage-2 schedules existed were all free decoding at Table 7's schedule;
 # rows before the cross-task analysis all used their own task's sharer pool.
-KEY_DEFAULTS = {"decode": "free", "schedule": "paper", "source": ""}
+KEY_DEFAULTS = {"decode": "free", "schedule": "paper", "source": "", "description": ""}
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Cell:
     items: int  # 0: the whole history
     users: int | None  # requested target users (None: all)
     source: str = ""  # sharer methods: the task whose sharer pool is reused (Figure 7); "": the cell's own task
+    description: str = ""  # PRISP-anchored methods: the anchor's description wording (Figure 8); "": the reference
 
 
 def row_key(row: dict) -> tuple:

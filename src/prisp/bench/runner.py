@@ -78,6 +78,8 @@ def grid(config: BenchConfig, task: str) -> list[Cell]:
             if get_method(name).kind not in UNTRAINED_KINDS
             for size in config.data_sizes
         ]
+    for kind in ("", *config.descriptions) if config.descriptions else ():
+        cells += [Cell(task, name, "np", config.items, config.users, description=kind) for name in ("anchor", "prisp")]
     if config.cross_task and len(config.tasks) > 1:
         users = config.cross_task_users or config.users
         cells += [
@@ -88,7 +90,7 @@ def grid(config: BenchConfig, task: str) -> list[Cell]:
         ]
     unique = {}
     for cell in cells:
-        unique.setdefault((cell.method, cell.variant, cell.items, cell.users, cell.source), cell)
+        unique.setdefault((cell.method, cell.variant, cell.items, cell.users, cell.source, cell.description), cell)
     return list(unique.values())
 
 
@@ -121,19 +123,33 @@ def run_prompt(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSpl
 
 def run_anchor(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSplit, pconf) -> MethodOutcome:
     """PRISP's Stage-1 anchor alone (every user gets the same adapter): the floor Stage 2 must stay above."""
-    model = attach_lora(shared_copy(ctx.loaded.model), ctx.prisp_anchor.weights).eval()
-    return MethodOutcome(predict_split(model, ctx.loaded.tokenizer, split, pconf), [], ctx.prisp_anchor)
+    anchor = ctx.anchor_for(cell.description)
+    model = attach_lora(shared_copy(ctx.loaded.model), anchor.weights).eval()
+    run = predict_split(model, ctx.loaded.tokenizer, split, pconf)
+    return MethodOutcome(run, [], anchor, description_details(ctx, cell))
 
 
-def personal_anchor(ctx: TaskContext, method: BenchMethod) -> Anchor:
-    """The anchor a Stage-2 method's users start from."""
-    return ctx.prisp_anchor if method.anchor == "prisp" else ctx.task_anchor(with_sharer_data=True)
+def personal_anchor(ctx: TaskContext, method: BenchMethod, cell: Cell) -> Anchor:
+    """The anchor a Stage-2 method's users start from (for PRISP's, from the cell's description wording)."""
+    return ctx.anchor_for(cell.description) if method.anchor == "prisp" else ctx.task_anchor(with_sharer_data=True)
+
+
+def anchor_key(method: BenchMethod, cell: Cell) -> str:
+    """The name a worker pool knows a personal cell's anchor by."""
+    return method.anchor + (f":{cell.description}" if cell.description and method.anchor == "prisp" else "")
+
+
+def description_details(ctx: TaskContext, cell: Cell) -> dict:
+    if not cell.description:
+        return {}
+    wording, _ = ctx.described_anchor(cell.description)
+    return {"description": {"kind": wording.kind, "text": wording.text, "origin": wording.origin}}
 
 
 def run_personal(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampSplit, pconf) -> MethodOutcome:
     """A Stage-2 strategy (PRISP, OPPU, ablations): one adapter per user, cached across variants and runs."""
     config = ctx.config
-    anchor = personal_anchor(ctx, method)
+    anchor = personal_anchor(ctx, method, cell)
     pers = PersonalizeConfig(
         strategy=method.strategy,
         k=cell.items or ALL_ITEMS,
@@ -143,11 +159,11 @@ def run_personal(ctx: TaskContext, method: BenchMethod, cell: Cell, split: LampS
         seed=config.seed,
         progress=False,
     )
-    pool, extra = ctx.user_pool, {"personalize": asdict(pers)}
+    pool, extra = ctx.user_pool, {"personalize": asdict(pers), **description_details(ctx, cell)}
     with ctx.progress_bar(len(split.users), f"{ctx.task} {method.name} {cell.variant}") as bar:
         if pool is not None:
             pooled = pool.predict(
-                split, method.anchor, pers, pconf, ctx.cache / "adapters", on_user=lambda _: bar.update()
+                split, anchor_key(method, cell), pers, pconf, ctx.cache / "adapters", on_user=lambda _: bar.update()
             )
             result, extra["workers"] = pooled.result, pooled.workers
         else:
@@ -326,8 +342,8 @@ def start_user_pool(ctx: TaskContext, cells: Sequence[Cell]) -> UserPool:
     """The pool for the personal cells among ``cells``, its spec carrying every anchor they start from."""
     from prisp.models import resolve_model
 
-    methods = [get_method(c.method) for c in cells]
-    anchors = {m.anchor: personal_anchor(ctx, m).weights for m in methods if m.kind == "personal"}
+    anchors = {anchor_key(get_method(c.method), c): personal_anchor(ctx, get_method(c.method), c).weights
+               for c in cells if get_method(c.method).kind == "personal"}
     # Resolved here so a registered model converts once, before workers could race to convert it.
     source, _ = resolve_model(ctx.config.model)
     device = _device(ctx.config)

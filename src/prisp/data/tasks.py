@@ -65,6 +65,8 @@ class TaskSpec:
             on); a long-form task sets it false and keeps the whole text.
         answer_chars: a training answer is clipped to this many characters (short answers stay whole; a long-form
             task sets it above its longest answer so the model never learns to stop mid-text).
+        alt_descriptions: other wordings of ``description`` by kind (Figure 8's ``paraphrase`` and, where the
+            paper gives it, ``imprecise``); ``prisp bench --descriptions`` anchors from them.
         metric_set: the metric set when not the kind's default (``rouge-meteor``); see :attr:`metric`.
         derived_from, derived_inputs, derived_answer: a task whose queries are built from another task's files
             (LongLaMP-2 from LaMP-5: the same users, splits and histories, with input and answer swapped):
@@ -94,6 +96,7 @@ class TaskSpec:
     schedule: tuple[tuple[str, float], ...] = ()
     answer_chars: int = 600
     first_line: bool = True
+    alt_descriptions: tuple[tuple[str, str], ...] = ()
     metric_set: str = ""
     derived_from: str = ""
     derived_inputs: tuple[tuple[str, str], ...] = ()
@@ -208,6 +211,10 @@ def parse_task(raw: Any, where: str, builtin: bool = False) -> TaskSpec:
     max_new_tokens = reader.integer("max_new_tokens", 8 if kind != "generation" else 64, low=1, high=4096)
     answer_chars = reader.integer("answer_chars", 600, low=1, high=100_000)
     first_line = reader.boolean("first_line", True)
+    alternatives = reader.table("descriptions", {})
+    if not all(isinstance(k, str) and _FIELD_OK.fullmatch(k) and isinstance(v, str) and v.strip()
+               for k, v in alternatives.items()):
+        raise DataError(f"{where} [descriptions]: each entry must be a name = a non-empty description")
     # A built-in LaMP task's schedule is its Table 7 row; a built-in without one (LongLaMP-2) names its own.
     schedule = _schedule(reader, where) if not builtin or "schedule" in reader.raw else ()
     description, official_dir = reader.text("description"), reader.text("official_dir", "")
@@ -224,7 +231,7 @@ def parse_task(raw: Any, where: str, builtin: bool = False) -> TaskSpec:
         derived_inputs = tuple((n, mapping[n]) for n in inputs)
         derived_answer = derived.text("answer")
         _checked_template(derived_answer, where, "[derived] answer")
-    reader.done(("input", "history", "schedule", "derived"))
+    reader.done(("input", "history", "schedule", "derived", "descriptions"))
     history.done(("inputs",))
     lamp.done(())
     derived.done(("inputs",))
@@ -234,7 +241,7 @@ def parse_task(raw: Any, where: str, builtin: bool = False) -> TaskSpec:
         context=context, labels=labels, labels_from_input=labels_from_input,
         max_new_tokens=max_new_tokens, input_format=input_format, input_pattern=pattern, input_marker=marker,
         input_labels=label_re, official_dir=official_dir, schedule=schedule, answer_chars=answer_chars,
-        first_line=first_line,
+        first_line=first_line, alt_descriptions=tuple(sorted(alternatives.items())),
         metric_set="" if metric == METRICS[kind] else metric, derived_from=derived_from,
         derived_inputs=derived_inputs, derived_answer=derived_answer, source=where, builtin=builtin,
     )
