@@ -361,7 +361,8 @@ def test_personalize_cli_writes_a_folded_adapter_and_report(tiny_model_dir, anch
 @pytest.mark.parametrize("strategy", ["pissa", "lora-ga"])
 def test_personalize_cli_svd_strategies(tiny_model_dir, anchor_dir, tmp_path, strategy):
     """Table 4's starts through the CLI: a plain rank-2r LoRA of the unmodified base that generate loads; the
-    tuned schedule, which the search has not covered for them, is refused before anything is written."""
+    tuned schedule is their searched row on LaMP-4, and is refused before anything is written where the search did not
+    cover them (LaMP-7)."""
     out = tmp_path / "user"
     result = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-4", "--history", QUESTIONS,
                     "--user", "LaMP-4-dev-2", "--model", tiny_model_dir, "--lr", "0.01", "--out", out,
@@ -373,7 +374,9 @@ def test_personalize_cli_svd_strategies(tiny_model_dir, anchor_dir, tmp_path, st
     generated = invoke("generate", "--adapter", out, "--model", tiny_model_dir, "--task", "LaMP-4",
                        "--input", "Generate a headline for the following article: rain", "--max-new-tokens", "4")
     assert generated.exit_code == 0, generated.output
-    refused = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-4", "--history", QUESTIONS,
+    assert PersonalizeConfig(strategy=strategy, schedule="tuned").train_config("LaMP-4").lr == \
+        TUNED[strategy]["LaMP-4"].lr
+    refused = invoke("personalize", "--anchor", anchor_dir, "--task", "LaMP-7", "--history", QUESTIONS,
                      "--user", "LaMP-4-dev-2", "--model", tiny_model_dir, "--schedule", "tuned",
                      "--out", tmp_path / "tuned", "--strategy", strategy, "--threads", "1")
     assert refused.exit_code != 0 and f"no tuned Stage-2 schedule for {strategy}" in refused.output
