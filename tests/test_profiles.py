@@ -10,7 +10,7 @@ import torch
 from prisp import profiles as profiles_mod
 from prisp.data.lamp import LampSplit, ProfileItem, Query, load_task_split
 from prisp.data.tasks import TASKS
-from prisp.errors import DataError
+from prisp.errors import DataError, PrispError
 from prisp.predict import METHODS, PredictConfig, build_prompt, predict_split, variant_method
 from prisp.profiles import (
     PROFILE_PROMPTS,
@@ -47,7 +47,9 @@ def _items(n: int, start: int = 0) -> list[ProfileItem]:
 
 
 def test_every_task_has_a_table15_prompt_with_the_history_filled_in():
-    assert set(PROFILE_PROMPTS) == set(TASKS)
+    assert set(PROFILE_PROMPTS) == {name for name in TASKS if name.startswith("LaMP-")}
+    with pytest.raises(PrispError, match="exist for the LaMP tasks only, not for LongLaMP-2"):
+        profile_prompt("LongLaMP-2", _items(2))  # Table 15 has no LongLaMP prompt
     prompt = profile_prompt("LaMP-4", _items(12))
     assert prompt.startswith(
         "Given this author's previous articles, try to describe a template for their headlines."

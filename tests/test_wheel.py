@@ -43,7 +43,7 @@ def test_the_installed_wheel_is_what_runs(venv):
     work, python = venv
     where = run([python, "-c", "import prisp, prisp.data.tasks as t; print(prisp.__file__); print(len(t.TASKS))"],
                 cwd=work).stdout.split()
-    assert where[0].startswith(str(work / "venv")) and where[1] == "7"
+    assert where[0].startswith(str(work / "venv")) and where[1] == "8"  # 7 LaMP + LongLaMP-2
 
 
 def test_prisp_demo_runs_from_the_wheel(venv, tmp_path):
