@@ -371,3 +371,38 @@ def test_workers_never_see_the_store_key(tiny_model_dir, anchor_dir, monkeypatch
     assert outcome.error is None and outcome.report == {"key_visible": False}
     assert drop_key_from_environment() and "PRISP_STORE_KEY" not in os.environ
     assert not drop_key_from_environment()
+
+
+class _AnchorProbe:
+    """A job that reports the anchors its worker received."""
+
+    user_id = "probe"
+
+    def execute(self, context, outcome) -> None:
+        spec = context.spec
+        outcome.report = {name: float(sum(p.A.sum() for p in spec.anchor_named(name).pairs.values()))
+                          for name in sorted(spec.anchors)}
+
+
+def test_workers_receive_more_anchor_tensors_than_a_fork_server_can_pass_as_fds(tiny_model_dir, anchor_dir):
+    """A fork server passes at most 256 file descriptors per new process, and torch shares each tensor of a
+    pickled spec as one; the bench's Figure 8 pool (three wordings' anchors plus the task anchor, 120 tensors
+    each on the default model) failed with "too many fds". The spec travels as one blob instead."""
+    from prisp.adapters import LoraSpec, random_init
+    from prisp.batch.backends import LocalBackend
+    from prisp.batch.worker import WorkerSpec
+    from prisp.models import load_model
+
+    model = load_model(str(tiny_model_dir)).model
+    anchors = {f"a{i}": random_init(model, LoraSpec(), seed=i) for i in range(80)}
+    assert sum(2 * len(w.pairs) for w in anchors.values()) > 256
+    backend = LocalBackend(WorkerSpec(str(tiny_model_dir), None, load_adapter(anchor_dir), "LaMP-4", (), 1,
+                                      anchors=anchors), 1)
+    try:
+        backend.submit(_AnchorProbe())
+        _, outcome = backend.next_outcome()
+    finally:
+        backend.close()
+    assert outcome.error is None
+    assert outcome.report == pytest.approx({name: float(sum(p.A.sum() for p in w.pairs.values()))
+                                            for name, w in sorted(anchors.items())})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -88,8 +89,12 @@ class LocalBackend:
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
+            # The spec goes as one plain pickle: multiprocessing's pickler would share each anchor tensor as a
+            # file descriptor, and a fork server passes at most 256 per new process (two anchors of the
+            # default model already take 240).
             self._executor = ProcessPoolExecutor(self.capacity, mp_context=_worker_context(),
-                                                 initializer=init_local_worker, initargs=(self.spec,))
+                                                 initializer=init_local_worker,
+                                                 initargs=(pickle.dumps(self.spec),))
         return self._executor
 
     def submit(self, job: Job) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -207,8 +208,9 @@ def start_error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, PrispError) else f"{type(exc).__name__}: {exc}"
 
 
-def init_local_worker(spec: WorkerSpec) -> None:
-    """Pool initializer: load the base model and anchor once for this process.
+def init_local_worker(spec: bytes) -> None:
+    """Pool initializer: load the base model and anchor once for this process (``spec``: a pickled
+    :class:`WorkerSpec`).
 
     A failure is kept and reported with the first task rather than raised: an initializer that
     raises only breaks the pool, and the driver would see "process terminated abruptly".
@@ -218,7 +220,7 @@ def init_local_worker(spec: WorkerSpec) -> None:
     # Workers never need the store key; a fork server started before the driver dropped it would pass it on.
     os.environ.pop("PRISP_STORE_KEY", None)
     try:
-        _CONTEXT = WorkerContext(spec)
+        _CONTEXT = WorkerContext(pickle.loads(spec))
     except Exception as exc:  # noqa: BLE001 - reported as a fatal outcome instead
         _START_ERROR = start_error(exc)
 
