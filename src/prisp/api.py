@@ -174,7 +174,8 @@ def generate(base: LoadedModel, adapter: LoraWeights | Personalized | str | os.P
     if decode_mode(spec.name, decode) == "labels":
         return list(score_labels(model, base.tokenizer, prompts, labels).choices)
     budget = max_new_tokens or spec.max_new_tokens
-    texts = run_generate(model, base.tokenizer, prompts, GenerationConfig(max_new_tokens=budget, first_line=spec.first_line)).texts
+    config = GenerationConfig(max_new_tokens=budget, first_line=spec.first_line)
+    texts = run_generate(model, base.tokenizer, prompts, config).texts
     return [snap_to_label(text, labels) for text in texts]  # a no-op without labels
 
 

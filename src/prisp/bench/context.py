@@ -47,7 +47,9 @@ class TaskContext:
         self._profiles: dict[str, UserProfile] = {}
         self._anchors: dict[bool, Anchor] = {}
         self._described: dict[str, tuple[Description, Anchor]] = {}
-        self.contexts = contexts if contexts is not None else {}  # the run's contexts, by task
+        # The run's contexts by task, shared, so a task's pool is built once however many cells reuse it; a
+        # context registers itself here.
+        self.contexts = contexts if contexts is not None else {}
         self.contexts.setdefault(task, self)
         # The worker pool personal cells run their users on (``--workers`` > 1), started and stopped by
         # the runner around the task's cells; None: in this process.
@@ -82,9 +84,8 @@ class TaskContext:
 
     def source(self, task: str) -> TaskContext:
         """Another task's context of the same run (built on first use): Figure 7 reuses its sharer pool."""
-        if task not in self.contexts:
-            TaskContext(self.config, task, self.loaded, self.embedder, self.provider, self.contexts)
-        return self.contexts[task]
+        return self.contexts.get(task) or TaskContext(self.config, task, self.loaded, self.embedder, self.provider,
+                                                      self.contexts)
 
     def task_anchor(self, with_sharer_data: bool = False) -> Anchor:
         """The task-adapted anchor; under the full protocol non-sharer methods also see the sharers' data."""

@@ -1,6 +1,7 @@
 """The report's figures as PNG files: Figure 3 (time and memory bars), Figure 4 (cost vs performance), Figure
-6 (score vs user data size), Figure 7 (cross-task adaptability heat maps), Figure 8 (score per description wording and stage). Drawn with matplotlib's object API on the Agg canvas, so no display or global
-backend is touched.
+6 (score vs user data size), Figure 7 (cross-task adaptability heat maps) and Figure 8 (score per description
+wording and stage). Drawn with matplotlib's object API on the Agg canvas, so no display or global backend is
+touched.
 """
 
 from __future__ import annotations

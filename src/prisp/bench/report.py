@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from prisp.bench import figures
@@ -56,7 +55,9 @@ def select_rows(config: BenchConfig, rows: Sequence[dict]) -> tuple[list[dict], 
     return main, sizes
 
 
-def _this_run(config: BenchConfig, rows: Sequence[dict]) -> list[dict]:
+def _this_run(config: BenchConfig, rows: Sequence[dict], methods: Sequence[str] = ()) -> list[dict]:
+    """Rows of this run's setting (model, protocol, split, decoding, schedule, tasks) and methods (``methods``
+    are taken as well, whether or not the run names them)."""
     return [
         r
         for r in rows
@@ -64,7 +65,7 @@ def _this_run(config: BenchConfig, rows: Sequence[dict]) -> list[dict]:
         and r.get("decode", KEY_DEFAULTS["decode"]) == config.decode
         and r.get("schedule", KEY_DEFAULTS["schedule"]) == config.schedule
         and r["task"] in config.tasks
-        and r["method"] in config.methods
+        and (r["method"] in config.methods or r["method"] in methods)
     ]
 
 
@@ -123,9 +124,9 @@ def adaptability_lines(config: BenchConfig, rows: Sequence[dict], out: Path) -> 
 def robustness(config: BenchConfig, rows: Sequence[dict]) -> dict[tuple[str, str, str], dict]:
     """Figure 8: ``{(kind, stage, task): row}`` for the reference and each other description wording; stage
     ``"Stage 1"`` is the anchor alone, ``"Stage 2"`` PRISP from it (Base variant)."""
-    stages = {"anchor": "Stage 1", "prisp": "Stage 2"}
+    stages = {"anchor": "Stage 1", "prisp": "Stage 2"}  # Figure 8's rows whether or not --methods names them
     return {(r.get("description") or "reference", stages[r["method"]], r["task"]): r
-            for r in _this_run_all_methods(config, rows)
+            for r in _this_run(config, rows, methods=tuple(stages))
             if r["method"] in stages and r["variant"] == "np" and r["items"] == config.items
             and r["users"] == config.users and not r.get("source")
             and (r.get("description") or "") in ("", *config.descriptions)}
@@ -158,11 +159,6 @@ def robustness_lines(config: BenchConfig, rows: Sequence[dict], out: Path) -> li
                 lines.append(f"- {task} {kind} ({d['origin']}): \"{d['text']}\"")
     figures.robustness_bars(out / "fig8_descriptions.png", config.tasks, series)
     return lines + ["", "![Figure 8: description robustness](fig8_descriptions.png)", ""]
-
-
-def _this_run_all_methods(config: BenchConfig, rows: Sequence[dict]) -> list[dict]:
-    # Figure 8's rows are the anchor and PRISP whether or not --methods names them.
-    return _this_run(replace(config, methods=(*config.methods, "anchor", "prisp")), rows)
 
 
 def _pct(value: float | None) -> str:

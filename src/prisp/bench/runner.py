@@ -396,12 +396,11 @@ def run_bench(
     if todo:
         loaded = loaded or _load(config)
         embedder = embedder or HistoryEmbedder()
-        contexts: dict[str, TaskContext] = {}  # shared, so a task's pool is built once however many reuse it
+        contexts: dict[str, TaskContext] = {}
         with tqdm(total=todo, desc="bench", unit="row", file=sys.stderr, disable=not config.progress) as bar:
             for task, cells in pending.items():
                 if cells:
-                    ctx = contexts.setdefault(task, TaskContext(config, task, loaded, embedder, prisp_anchor,
-                                                                contexts))
+                    ctx = contexts.get(task) or TaskContext(config, task, loaded, embedder, prisp_anchor, contexts)
                     written += run_cells(ctx, cells, store, bar)
     write_report(config, store.rows)
     return BenchOutcome(written, total - todo, store.path)

@@ -143,7 +143,7 @@ class PerPcs:
 
     def _sharer_gates(self, base, tokenizer, labels) -> None:
         # A sharer's gate reads its own task's examples, so with its own labels (the target's may be another
-        # task's: Figure 7); pools built before labels were kept fall back to the target's, as before.
+        # task's: Figure 7); a pool that carries none (a generation task, or one built by hand) takes the target's.
         labels = self.pool.labels or labels
         for sharer in self.pool.sharers:
             if sharer.gate is None:  # computed once per pool; its time is charged with the sharer's training
