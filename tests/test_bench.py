@@ -15,7 +15,7 @@ from prisp.adapters import LoraSpec, random_init, shapes_for_model
 from prisp.batch import available_cores
 from prisp.bench import Anchor, BenchConfig, grid, profile_config, run_bench
 from prisp.bench.cli import bench_command
-from prisp.bench.report import adaptability, cost_summary
+from prisp.bench.report import adaptability, cost_summary, data_size_lines, data_size_series
 from prisp.bench.results import ResultStore, row_key
 from prisp.cli import app as prisp_app
 from prisp.data.tasks import get_task
@@ -340,6 +340,37 @@ def test_data_sizes_none_skips_the_sweep_and_bad_sizes_are_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip() == "prisp: error: --data-sizes takes item counts such as 1,5,10 or none, got '1,five'"
     assert not (tmp_path / "out").exists()
+
+
+def test_data_size_tasks_and_users_shape_the_sweep_and_a_stray_task_is_one_line(tmp_path):
+    config = profile_config("quick", tasks=("LaMP-2N", "LaMP-4"), data_size_tasks=("LaMP-2N", "LaMP-4"),
+                            data_size_users=3)
+    for task in config.tasks:
+        swept = [cell for cell in grid(config, task) if cell.items != config.items]
+        assert {(cell.items, cell.users) for cell in swept} == {(size, 3) for size in config.data_sizes}
+    result = CliRunner().invoke(prisp_app, ["bench", "--profile", "quick", "--tasks", "LaMP-2N",
+                                            "--data-size-tasks", "LaMP-2N,LaMP-4", "--out", str(tmp_path / "out"),
+                                            "--no-progress"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "prisp: error: --data-size-tasks LaMP-4 not among --tasks (LaMP-2N)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_size_section_reads_each_task_their_mean_and_the_rise(tmp_path):
+    config = profile_config("quick", tasks=("LaMP-2N", "LaMP-4"), methods=("oppu", "prisp"),
+                            data_sizes=(1, 10), data_size_tasks=("LaMP-2N", "LaMP-4"))
+    scores = {("LaMP-2N", "prisp"): (0.2, 0.6), ("LaMP-2N", "oppu"): (0.3, 0.3),
+              ("LaMP-4", "prisp"): (0.1, 0.2), ("LaMP-4", "oppu"): (0.1, None)}
+    rows = [{"task": task, "method": method, "items": size, "score": score}
+            for (task, method), pair in scores.items() for size, score in zip((1, 10), pair) if score is not None]
+    series = data_size_series(config, rows)
+    assert series["LaMP-2N"] == {"OPPU": [0.3, 0.3], "PRISP (Ours)": [0.2, 0.6]}
+    assert series["LaMP-4"]["OPPU"] == [0.1, None]
+    assert series["mean"]["PRISP (Ours)"] == pytest.approx([0.15, 0.4]) and series["mean"]["OPPU"] == pytest.approx([0.2, 0.3])
+    lines = data_size_lines(config, rows, tmp_path)
+    assert "| LaMP-2N | PRISP (Ours) | 0.200 | 0.600 | 0.400 |" in lines
+    assert "| LaMP-4 | OPPU | 0.100 | – | – |" in lines  # one size measured: no rise to read
+    assert (tmp_path / "fig6_data_size.png").read_bytes().startswith(PNG)
 
 
 @pytest.mark.encoder  # Per-Pcs picks sharers with MiniLM

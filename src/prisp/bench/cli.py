@@ -34,6 +34,12 @@ def bench_command(
     model: Optional[str] = typer.Option(None, help="Base model: registered name, local dir or cached HF id."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     data_sizes: Optional[str] = typer.Option(None, help="Figure 6 user item counts, e.g. 1,5,10,30,50, or none to skip the sweep (default: the profile's)."),
+    data_size_tasks: Optional[str] = typer.Option(
+        None, help="Tasks of the Figure 6 sweep, each one of --tasks (default: the profile's, those run)."
+    ),
+    data_size_users: Optional[int] = typer.Option(
+        None, help="Target users per task of the Figure 6 sweep (default: the profile's, else --users)."
+    ),
     cross_task: Optional[bool] = typer.Option(
         None, "--cross-task/--no-cross-task",
         help="Figure 7: also run each sharer method (per-pcs, prime) on every task with every other task's sharer "
@@ -94,6 +100,8 @@ def bench_command(
         model=model,
         device=device,
         data_sizes=sizes,
+        data_size_tasks=_csv(data_size_tasks),
+        data_size_users=data_size_users,
         cross_task=cross_task,
         cross_task_users=cross_task_users,
         descriptions=_csv(descriptions),
@@ -106,6 +114,10 @@ def bench_command(
         schedule=schedule,
         progress=progress,
     )
+    if data_size_tasks is not None:
+        stray = [t for t in config.data_size_tasks if t not in config.tasks]
+        if stray:
+            raise PrispError(f"--data-size-tasks {', '.join(stray)} not among --tasks ({', '.join(config.tasks)})")
     if report_only:
         from prisp.bench.runner import report_only as write_report_only
 

@@ -200,8 +200,8 @@ STANDARD = BenchConfig(
     profile="standard",
     sharer=SharerConfig(pool_size=3, candidates=60),
     data_sizes=(1, 5, 10, 30, 50),
-    data_size_tasks=("LaMP-2N",),
-    data_size_users=2,
+    data_size_tasks=("LaMP-2N", "LaMP-4"),
+    data_size_users=8,
 )
 # The paper's protocol (100 target users, six tasks, Qwen3-0.6B); meant for a GPU.
 PAPER = BenchConfig(

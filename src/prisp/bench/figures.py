@@ -52,20 +52,26 @@ def tradeoff_scatter(
     return path
 
 
-def data_size_curves(path: Path, sizes: Sequence[int], series: Mapping[str, Sequence[float | None]]) -> Path:
-    """Figure 6: score against the number of target-user items, one line per method (gaps where not run)."""
-    fig, ax = _figure(5, 3.6)
-    for i, (label, scores) in enumerate(series.items()):
-        points = [(s, v) for s, v in zip(sizes, scores) if v is not None]
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=label)
-    ax.set_xscale("log")
-    ax.minorticks_off()  # only the measured sizes are labelled
-    ax.set_xticks(list(sizes), [str(s) for s in sizes])
-    ax.set_xlabel("target user items")
-    ax.set_ylabel("score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def data_size_curves(path: Path, sizes: Sequence[int],
+                     panels: Mapping[str, Mapping[str, Sequence[float | None]]]) -> Path:
+    """Figure 6: score against the number of target-user items, one panel per task (and their mean), one line
+    per method (gaps where not run)."""
+    import numpy as np
+
+    fig, axes = _figure(4.2 * len(panels), 3.4, ncols=len(panels))
+    for ax, (title, series) in zip(np.atleast_1d(axes), panels.items()):
+        for i, (label, scores) in enumerate(series.items()):
+            points = [(s, v) for s, v in zip(sizes, scores) if v is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=label)
+        ax.set_xscale("log")
+        ax.minorticks_off()  # only the measured sizes are labelled
+        ax.set_xticks(list(sizes), [str(s) for s in sizes])
+        ax.set_xlabel("target user items")
+        ax.set_ylabel("score")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.savefig(path)
     return path
 

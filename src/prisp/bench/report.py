@@ -284,15 +284,55 @@ def cost_lines(summary: dict[str, dict]) -> list[str]:
     return lines
 
 
-def data_size_series(config: BenchConfig, sizes_rows: Sequence[dict]) -> dict[str, list[float | None]]:
-    """Per method, the score averaged over the data-size tasks at each size."""
-    series = {}
-    for name in _methods(config, sizes_rows):
-        series[BENCH_METHODS[name].label] = [
-            _mean([r["score"] for r in sizes_rows if r["method"] == name and r["items"] == size])
-            for size in config.data_sizes
-        ]
-    return series
+def data_size_series(config: BenchConfig, sizes_rows: Sequence[dict]) -> dict[str, dict[str, list[float | None]]]:
+    """Per data-size task (and their mean, keyed ``"mean"``, when there are several), per method, the score at
+    each size."""
+    tasks = [t for t in config.data_size_tasks if any(r["task"] == t for r in sizes_rows)]
+    groups = {task: [task] for task in tasks}
+    if len(tasks) > 1:
+        groups["mean"] = tasks
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for group, members in groups.items():
+        for name in _methods(config, sizes_rows):
+            out.setdefault(group, {})[BENCH_METHODS[name].label] = [
+                _mean([r["score"] for r in sizes_rows
+                       if r["method"] == name and r["items"] == size and r["task"] in members])
+                for size in config.data_sizes
+            ]
+    return out
+
+
+def _rise(values: Sequence[float | None]) -> float | None:
+    """Score at the largest measured size minus score at the smallest: Figure 6's slope, read off the ends."""
+    measured = [v for v in values if v is not None]
+    return measured[-1] - measured[0] if len(measured) > 1 else None
+
+
+def data_size_lines(config: BenchConfig, sizes_rows: Sequence[dict], out: Path) -> list[str]:
+    """The Figure 6 section: score per method and size, per task and averaged, the rise from the smallest to
+    the largest size, and the curves."""
+    series = data_size_series(config, sizes_rows)
+    if not series:
+        return []
+    figures.data_size_curves(out / "fig6_data_size.png", config.data_sizes, series)
+    sizes = " | ".join(str(s) for s in config.data_sizes)
+    table = [f"| Task | Method | {sizes} | rise |", "|" + "---|" * (len(config.data_sizes) + 3)]
+    for group, methods in series.items():
+        for label, values in methods.items():
+            table.append(f"| {group} | {label} | " + " | ".join(_fmt(v) for v in values)
+                         + f" | {_fmt(_rise(values))} |")
+    users = config.data_size_users or config.users or "all"
+    return [
+        "## Data size (Figure 6)",
+        "",
+        *table,
+        "",
+        f"Base variant; the first {users} target users of each task; each user's most recent N history items "
+        "(fewer where the history is shorter). Rise: score at the largest size minus score at the smallest.",
+        "",
+        "![Figure 6: data size](fig6_data_size.png)",
+        "",
+    ]
 
 
 _PAIRED_NOTE = (
@@ -359,7 +399,12 @@ def paired_lines(config: BenchConfig, main: Sequence[dict], replicates: int = 20
 
 def command_line(config: BenchConfig) -> str:
     users = f" --users {config.users}" if config.users else ""
-    sizes = ",".join(map(str, config.data_sizes)) if config.data_sizes and config.data_size_tasks else "none"
+    swept = [t for t in config.data_size_tasks if t in config.tasks]
+    sizes = ",".join(map(str, config.data_sizes)) if config.data_sizes and swept else "none"
+    if sizes != "none":
+        sizes += f" --data-size-tasks {','.join(swept)}"
+        if config.data_size_users or config.users:
+            sizes += f" --data-size-users {config.data_size_users or config.users}"
     return (
         f"prisp bench --profile {config.profile} --tasks {','.join(config.tasks)} --methods "
         f"{','.join(config.methods)} --variants {','.join(config.variants)} --protocol {config.protocol} "
@@ -448,25 +493,5 @@ def _figure_sections(
             _COMPOSITE_NOTE,
             "",
         ]
-    series = data_size_series(config, sizes)
-    if series:
-        figures.data_size_curves(out / "fig6_data_size.png", config.data_sizes, series)
-        header = "| Method | " + " | ".join(str(s) for s in config.data_sizes) + " |"
-        table = [
-            f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |" for label, values in series.items()
-        ]
-        users = config.data_size_users or config.users or "all"
-        note = f"Tasks: {', '.join(config.data_size_tasks)}; Base variant; {users} users."
-        lines += [
-            "## Data size (Figure 6)",
-            "",
-            header,
-            "|" + "---|" * (len(config.data_sizes) + 1),
-            *table,
-            "",
-            note,
-            "",
-            "![Figure 6: data size](fig6_data_size.png)",
-            "",
-        ]
+    lines += data_size_lines(config, sizes, out)
     return lines
