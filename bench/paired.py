@@ -3,7 +3,8 @@
     python bench/paired.py --results bench/results/product-16users/results.jsonl --a prisp:np \
         --b pissa:np,lora-ga:np,no-bridge:np [--tasks LaMP-2N,LaMP-4] [--description paraphrase]
 
-A side is ``method:variant``; rows must share decoding, schedule, items and users (the first match is used).
+A side is ``method:variant``, or ``method:variant@SOURCE`` for a Figure 7 row whose sharers come from task SOURCE;
+rows must share decoding, schedule, items and users (the first match is used).
 Prints each side's score per task and, per ``--b``, the paired user bootstrap of ``a - b`` over the tasks both
 have (prisp.bench.stats: users resampled, official metrics rebuilt per replicate).
 """
@@ -18,11 +19,12 @@ from prisp.bench.stats import UserStats, paired_bootstrap
 
 
 def pick(rows: list[dict], side: str, tasks: list[str], description: str) -> dict[str, dict]:
+    side, _, source = side.partition("@")
     method, variant = side.split(":")
     found: dict[str, dict] = {}
     for row in rows:
-        if (row["method"], row["variant"]) == (method, variant) and row["task"] in tasks and not row.get("source") \
-                and (row.get("description") or "") == description:
+        if (row["method"], row["variant"]) == (method, variant) and row["task"] in tasks \
+                and (row.get("source") or "") == source and (row.get("description") or "") == description:
             found.setdefault(row["task"], row)
     return found
 
