@@ -3,8 +3,9 @@
     python bench/paired.py --results bench/results/product-16users/results.jsonl --a prisp:np \
         --b pissa:np,lora-ga:np,no-bridge:np [--tasks LaMP-2N,LaMP-4] [--description paraphrase]
 
-A side is ``method:variant``, or ``method:variant@SOURCE`` for a Figure 7 row whose sharers come from task SOURCE;
-rows must share decoding, schedule, items and users (the first match is used).
+A side is ``method:variant``, ``method:variant@SOURCE`` for a Figure 7 row whose sharers come from task SOURCE, or
+``method:variant#N`` for a Figure 6 row trained on each user's N most recent items (without ``#N``, the first
+match is used, which is the main row); rows must share decoding, schedule and users.
 Prints each side's score per task and, per ``--b``, the paired user bootstrap of ``a - b`` over the tasks both
 have (prisp.bench.stats: users resampled, official metrics rebuilt per replicate).
 """
@@ -19,12 +20,14 @@ from prisp.bench.stats import UserStats, paired_bootstrap
 
 
 def pick(rows: list[dict], side: str, tasks: list[str], description: str) -> dict[str, dict]:
+    side, _, items = side.partition("#")
     side, _, source = side.partition("@")
     method, variant = side.split(":")
     found: dict[str, dict] = {}
     for row in rows:
         if (row["method"], row["variant"]) == (method, variant) and row["task"] in tasks \
-                and (row.get("source") or "") == source and (row.get("description") or "") == description:
+                and (row.get("source") or "") == source and (row.get("description") or "") == description \
+                and (not items or row.get("items") == int(items)):
             found.setdefault(row["task"], row)
     return found
 
