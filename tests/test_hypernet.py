@@ -260,6 +260,43 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_llama, tiny_
     assert not (tmp_path / "w2" / "checkpoint").exists() and not (tmp_path / "w3" / "checkpoint").exists()
 
 
+def _heldout_records(out):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "heldout_loss" in r and "step" in r]
+
+
+def test_eval_every_keeps_the_lowest_heldout_loss_weights_without_changing_training(tiny_tokenizer, sni, tmp_path):
+    from prisp.hypernet.evaluation import HyperLoraModel, answer_loss
+    from prisp.hypernet.recipe import _heldout_examples
+
+    plain = _run(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, sni, tmp_path / "plain", eval_instances=0)
+    assert not (tmp_path / "plain" / "best").exists()
+    out = tmp_path / "run"
+    base = build_tiny_llama(len(tiny_tokenizer))
+    run = _run(base, tiny_tokenizer, sni, out, eval_instances=0, eval_every=2)
+    # Measuring the held-out loss every 2 steps takes no randomness and no step: training is the same.
+    assert _step_losses(out) == _step_losses(tmp_path / "plain")
+    final, expected = run.checkpoint.hypernet.state_dict(), plain.checkpoint.hypernet.state_dict()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    records = _heldout_records(out)
+    assert [r["step"] for r in records] == [0, 2, 4, 6]  # the start, then every 2 of the 6 steps
+    lowest = min(records + [{"step": h["step"], "heldout_loss": h["heldout_loss"]} for h in run.state.history],
+                 key=lambda r: r["heldout_loss"])
+    assert run.state.best["step"] == lowest["step"]
+    assert run.state.best["heldout_loss"] == pytest.approx(lowest["heldout_loss"], abs=1e-5)
+
+    best = load_checkpoint(out / "best")
+    assert "state" not in best.meta and best.meta["selected"]["step"] == lowest["step"]
+    assert best.meta["data_sha256"] == sni.sha256
+    # best/ holds the weights that scored that loss: recompute it from best/ alone.
+    table = description_table(sni.split("train"))
+    rows = {t.name: table.add(t.name, t.eval_description) for t in sni.split("heldout")}
+    wrapper = HyperLoraModel(base, best.hypernet, FakeEncoder().encode(table.texts))
+    loss = answer_loss(wrapper, _heldout_examples(tiny_tokenizer, sni.split("heldout"), rows, 48), True,
+                       pad_id=tiny_tokenizer.pad_token_id or 0)
+    assert loss == pytest.approx(lowest["heldout_loss"], abs=1e-5)
+
+
 class Interrupted(Exception):
     """Stands for the process dying right after a checkpoint was written."""
 
@@ -271,7 +308,7 @@ def _interrupt_after_checkpoint(monkeypatch, step):
 
     def save(checkpoint, out_dir):
         path = real(checkpoint, out_dir)
-        if checkpoint.meta["state"]["step"] == step:
+        if checkpoint.meta.get("state", {}).get("step") == step:  # best/ has no run state
             raise Interrupted
         return path
 
@@ -283,14 +320,16 @@ def _step_losses(out):
             if "loss" in r]
 
 
-@pytest.mark.parametrize("mode,stop", [("sft", 2), ("sft", 3), ("sft", 5), ("recon", 4)])
+@pytest.mark.parametrize("mode,stop,eval_every", [("sft", 2, None), ("sft", 3, None), ("sft", 5, 2),
+                                                  ("recon", 4, None)])
 def test_interrupted_run_resumed_from_checkpoint_equals_uninterrupted_run(tiny_tokenizer, sni, tmp_path,
-                                                                          monkeypatch, mode, stop):
+                                                                          monkeypatch, mode, stop, eval_every):
     # 12 examples / batch 4 x 2 epochs = 6 steps (recon: 3 tasks x 4 descriptions, the same); stop
     # mid-epoch, at the epoch boundary (before its evaluation) and in the second epoch. Dropout is on
-    # (LoRA 0.05), warm-up and weight decay too, so moments, schedule and RNG must all carry over.
+    # (LoRA 0.05), warm-up and weight decay too, so moments, schedule and RNG must all carry over; with
+    # eval_every, so must the best held-out loss and best/.
     options = {"mode": mode, "save_every": 1, "eval_instances": 0, "warmup_ratio": 0.3, "recon_tasks": 3,
-               "recon_epochs": 1}
+               "recon_epochs": 1, "eval_every": eval_every}
     full = _run(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, sni, tmp_path / "full", **options)
     assert full.state.step == 6 and full.state.done
 
@@ -313,6 +352,15 @@ def test_interrupted_run_resumed_from_checkpoint_equals_uninterrupted_run(tiny_t
     theirs = load_checkpoint(tmp_path / "full", with_train_state=True).train_state
     assert all(torch.equal(a[k], b[k]) for a, b in zip(ours.optimizer, theirs.optimizer) for k in b)
     assert [h["heldout_loss"] for h in resumed.state.history] == [h["heldout_loss"] for h in full.state.history]
+    assert resumed.state.best == full.state.best and bool(eval_every) == bool(full.state.best)
+    if eval_every:
+        def measured(run_dir):
+            return [(r["step"], r["heldout_loss"]) for r in _heldout_records(run_dir)]
+
+        assert measured(out) == measured(tmp_path / "full")
+        ours, theirs = load_checkpoint(out / "best").hypernet.state_dict(), \
+            load_checkpoint(tmp_path / "full" / "best").hypernet.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_old_checkpoint_without_optimiser_state_still_resumes(tiny_llama, tiny_tokenizer, sni, tmp_path,
@@ -409,8 +457,13 @@ def test_cli_anchor_and_train_end_to_end(tiny_model_dir, tmp_path):
     data = _write_sni(tmp_path / "tasks.jsonl")
     train = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "run"), "--data", str(data),
                                          "--model", str(tiny_model_dir), "--encoder", "base", "--epochs", "1",
-                                         "--batch-size", "4", "--max-length", "48", "--eval-instances", "0"])
+                                         "--batch-size", "4", "--max-length", "48", "--eval-instances", "0",
+                                         "--eval-every", "1"])
     assert train.exit_code == 0, train.output
+    assert "lowest held-out loss" in train.output and (tmp_path / "run" / "best" / "hypernet.json").is_file()
+    zero = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "r0"), "--data", str(data),
+                                        "--eval-every", "0"])
+    assert zero.exit_code == 2 and "eval-every" in zero.output and not (tmp_path / "r0").exists()
     meta = json.loads((tmp_path / "run" / "checkpoint" / "hypernet.json").read_text())
     assert meta["encoder"] == "base" and meta["data_sha256"] == load_sni(data).sha256 and meta["state"]["done"]
     bad = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "r2"), "--data", str(tmp_path / "nope")])

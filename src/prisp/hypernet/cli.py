@@ -69,6 +69,8 @@ def train_command(
     lr: float = typer.Option(1e-4, min=0.0),
     max_length: int = typer.Option(256, min=8, help="Tokens per example (the prompt's left part is cut)."),
     save_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps (default: each epoch end)."),
+    eval_every: Optional[int] = typer.Option(None, min=1, help="Held-out loss every N steps; the weights with the "
+                                                               "lowest one are kept in OUT/best (default: off)."),
     eval_instances: int = typer.Option(2, min=0, help="Held-out instances per task for ROUGE-L (0: skip)."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="Continue exactly from OUT/checkpoint (its optimiser state and LR schedule)."),
@@ -97,7 +99,8 @@ def train_command(
     quiet_transformers()
     set_threads(threads)
     config = HyperTrainConfig(mode=mode.value, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
-                              seed=seed, steps_limit=steps_limit, save_every=save_every, eval_instances=eval_instances)
+                              seed=seed, steps_limit=steps_limit, save_every=save_every, eval_every=eval_every,
+                              eval_instances=eval_instances)
     sni = load_sni(data or default_sni_file())
     typer.echo(f"loading model {model} ...", err=True)
     loaded = load_model(model)
@@ -108,6 +111,10 @@ def train_command(
     typer.echo(f"hypernet at {result.out_dir / 'checkpoint'}: {result.state.step} steps, held-out loss "
                f"{final.get('heldout_loss', float('nan')):.4f} (no adapter "
                f"{result.state.base_metrics.get('heldout_loss', float('nan')):.4f})")
+    if result.state.best:
+        best = result.state.best
+        typer.echo(f"lowest held-out loss {best['heldout_loss']:.4f} at step {best['step']}: "
+                   f"{result.out_dir / 'best'}")
 
 
 def anchor_command(

@@ -13,7 +13,10 @@ over ``warmup_ratio`` of the run's steps, then linear decay towards zero at its 
 whose moments carry from epoch to epoch. Every ``save_every`` steps (from the loop's ``on_step``) the
 checkpoint takes the hypernetwork, the run state (epoch, step, which examples of the epoch are done) and
 the loop's :class:`~prisp.training.TrainState` (AdamW moments and step counts, dropout RNG, position in the
-epoch's seeded batch order). ``--resume`` continues from it exactly: an interrupted run resumed from a
+epoch's seeded batch order). With ``eval_every`` the held-out answer loss is also measured every that many
+steps (and at the run's start and each epoch's end), and the weights with the lowest one so far are kept in
+``best/``: more epochs keep lowering the training loss while the loss on unseen tasks turns up again, so the
+last checkpoint is not the one to ship. ``--resume`` continues from it exactly: an interrupted run resumed from a
 checkpoint takes the same steps, with the same losses and final weights, as one never interrupted, as long
 as the options are unchanged. A checkpoint written before this state was saved still resumes (the epoch's
 remaining examples in a new call, the schedule at its step), with a warning that AdamW's moments restart.
@@ -66,6 +69,8 @@ class HyperTrainConfig:
         steps_limit: Stop after this many steps in all; the schedule then spans this many steps (None: no
             limit). The steps are the first ones of the unlimited run's batch order.
         save_every: Checkpoint every this many steps (None: at the end of each epoch only).
+        eval_every: Held-out answer loss every this many steps, the best weights kept in ``best/`` (None: held-out
+            metrics at the end of each epoch only, no ``best/``).
         eval_instances: Held-out instances per task for ROUGE-L (0 skips generation).
         eval_max_new_tokens: Answer budget of the ROUGE-L probe.
         hypernet: Overrides of :class:`HyperNetConfig` options (e.g. ``{"head_in_dim": 64}``).
@@ -86,6 +91,7 @@ class HyperTrainConfig:
     seed: int = 0
     steps_limit: int | None = None
     save_every: int | None = None
+    eval_every: int | None = None
     eval_instances: int = 2
     eval_max_new_tokens: int = 32
     hypernet: dict = field(default_factory=dict)
@@ -104,6 +110,7 @@ class HyperTrainConfig:
             "max_length": isinstance(self.max_length, int) and self.max_length >= 8,
             "steps_limit": self.steps_limit is None or self.steps_limit >= 1,
             "save_every": self.save_every is None or self.save_every >= 1,
+            "eval_every": self.eval_every is None or self.eval_every >= 1,
             "eval_instances": self.eval_instances >= 0,
             "recon_tasks": self.recon_tasks >= 1,
         }
@@ -124,6 +131,7 @@ class RunState:
     seconds: float = 0.0  # training wall time in all (train() calls only)
     history: list[dict] = field(default_factory=list)  # per-epoch metrics
     base_metrics: dict = field(default_factory=dict)  # held-out metrics without adapter (computed once)
+    best: dict = field(default_factory=dict)  # with eval_every: step, epoch and held-out loss of best/
 
 
 @dataclass
@@ -202,6 +210,10 @@ def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: Descripti
     if not state.base_metrics:
         state.base_metrics = _evaluate(run, with_adapter=False)
         logger.info("held-out without adapter: %s", _fmt(state.base_metrics))
+    if config.eval_every and not state.best:
+        # The starting point competes too: a continued run that only gets worse leaves its start in best/.
+        _periodic_eval(run, state)
+        _save(run, state)
     total_steps = mode.total_steps()
     while not state.done:
         examples = mode.examples(state.epoch)  # header = position in this list
@@ -377,6 +389,8 @@ def _run_epoch(run: _Run, mode, state: RunState, examples: list[TokenizedExample
         _log(run, {"step": state.step, "epoch": state.epoch, "loss": round(value, 5), "seconds": round(elapsed, 2)})
         logger.info("step %d/%d epoch %d loss %.4f (%.2f s/step)", state.step, total_steps, state.epoch, value,
                     elapsed / (state.step - start_step))
+        if config.eval_every and state.step % config.eval_every == 0:
+            _periodic_eval(run, state)  # before the save below, so the checkpoint's state knows best/
         if config.save_every and state.step % config.save_every == 0:
             _save(run, state)  # after the optimiser step: weights and loop state agree
 
@@ -414,9 +428,39 @@ def _end_of_epoch(run: _Run, state: RunState) -> None:
     entry = {"epoch": state.epoch, "step": state.step, **metrics, **losses}
     state.history.append(entry)
     _log(run, {"eval": entry, "base": state.base_metrics})
+    if run.config.eval_every:
+        _keep_if_best(run, state, metrics["heldout_loss"])
     logger.info("epoch %d step %d: adapter %s | base %s", state.epoch, state.step, _fmt(metrics),
                 _fmt(state.base_metrics))
     _save(run, state)
+
+
+def _periodic_eval(run: _Run, state: RunState) -> None:
+    """Held-out answer loss of the current weights (no generation: cheap enough to run every few steps)."""
+    started = time.perf_counter()
+    # Mid-epoch the wrapper maps headers to the epoch's drawn rows; held-out headers are rows already.
+    lookup, hook = run.wrapper.row_lookup, run.wrapper.on_loss
+    run.wrapper.row_lookup, run.wrapper.on_loss = None, None
+    try:
+        loss = answer_loss(run.wrapper, run.heldout_examples, True, pad_id=run.tokenizer.pad_token_id or 0)
+    finally:
+        run.wrapper.row_lookup, run.wrapper.on_loss = lookup, hook
+    _log(run, {"step": state.step, "epoch": state.epoch, "heldout_loss": round(loss, 5),
+               "eval_seconds": round(time.perf_counter() - started, 1)})
+    logger.info("step %d: held-out loss %.4f (best %s)", state.step, loss,
+                f"{state.best['heldout_loss']:.4f} at step {state.best['step']}" if state.best else "none yet")
+    _keep_if_best(run, state, loss)
+
+
+def _keep_if_best(run: _Run, state: RunState, loss: float) -> None:
+    """Write the current weights to ``best/`` when their held-out loss is the lowest of the run so far."""
+    if state.best and loss >= state.best["heldout_loss"]:
+        return
+    state.best = {"step": state.step, "epoch": state.epoch, "heldout_loss": loss}
+    meta = {k: v for k, v in run.checkpoint.meta.items() if k != "state"}  # no run state: it does not resume
+    meta["selected"] = {"by": "lowest held-out answer loss", **state.best, "base": state.base_metrics}
+    save_checkpoint(HyperNetCheckpoint(run.checkpoint.hypernet, base_model=run.checkpoint.base_model,
+                                       encoder=run.checkpoint.encoder, meta=meta), run.out_dir / "best")
 
 
 def _epoch_losses(log_file: Path, epoch: int) -> dict:
@@ -437,10 +481,11 @@ def _save(run: _Run, state: RunState) -> None:
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop step records past ``step`` (written after the last checkpoint) and any line a crash tore."""
+    """Drop step and periodic-evaluation records past ``step`` (written after the last checkpoint) and any
+    line a crash tore."""
     log = JsonlLog(log_file)
     if log.path.is_file():
-        log.rewrite(r for r in log.records() if "loss" not in r or r.get("step", 0) <= step)
+        log.rewrite(r for r in log.records() if r.get("step", 0) <= step)
 
 
 def _log(run: _Run, record: dict) -> None:
