@@ -461,6 +461,20 @@ def test_cli_anchor_and_train_end_to_end(tiny_model_dir, tmp_path):
                                          "--eval-every", "1"])
     assert train.exit_code == 0, train.output
     assert "lowest held-out loss" in train.output and (tmp_path / "run" / "best" / "hypernet.json").is_file()
+    regularised = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "reg"), "--data", str(data),
+                                               "--model", str(tiny_model_dir), "--encoder", "base", "--epochs", "1",
+                                               "--batch-size", "4", "--max-length", "48", "--eval-instances", "0",
+                                               "--dropout", "0.3", "--weight-decay", "0.1"])
+    assert regularised.exit_code == 0, regularised.output
+    meta = json.loads((tmp_path / "reg" / "checkpoint" / "hypernet.json").read_text())
+    assert meta["config"]["dropout"] == 0.3 and meta["train_config"]["weight_decay"] == 0.1
+    for extra in (["--init-from", str(tmp_path / "reg")], ["--resume"]):
+        kept = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "reg"), "--data", str(data),
+                                            "--dropout", "0.2", *extra])
+        assert kept.exit_code == 2 and "--dropout shapes a new hypernetwork" in kept.output
+    too_much = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "r4"), "--data", str(data),
+                                            "--dropout", "1.5"])
+    assert too_much.exit_code == 2 and "dropout" in too_much.output and not (tmp_path / "r4").exists()
     zero = runner.invoke(hypernet_app, ["train", "--out", str(tmp_path / "r0"), "--data", str(data),
                                         "--eval-every", "0"])
     assert zero.exit_code == 2 and "eval-every" in zero.output and not (tmp_path / "r0").exists()

@@ -67,6 +67,9 @@ def train_command(
     steps_limit: Optional[int] = typer.Option(None, min=1, help="Stop after this many steps in all (the LR schedule spans them)."),
     batch_size: int = typer.Option(8, min=1),
     lr: float = typer.Option(1e-4, min=0.0),
+    weight_decay: float = typer.Option(0.01, min=0.0, help="AdamW weight decay."),
+    dropout: Optional[float] = typer.Option(None, min=0.0, max=0.95, help="Dropout inside the hypernetwork's trunk "
+                                            "(new networks only; default 0.05, --init-from keeps the checkpoint's)."),
     max_length: int = typer.Option(256, min=8, help="Tokens per example (the prompt's left part is cut)."),
     save_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps (default: each epoch end)."),
     eval_every: Optional[int] = typer.Option(None, min=1, help="Held-out loss every N steps; the weights with the "
@@ -90,6 +93,8 @@ def train_command(
 
     if init_from is not None and resume:
         raise PrispError("--init-from starts a new run; --resume continues one: give one of them")
+    if dropout is not None and (init_from is not None or resume):
+        raise PrispError("--dropout shapes a new hypernetwork; --init-from and --resume keep the checkpoint's own")
     if init_from is not None and str(init_from) == "shipped":
         init_from = shipped_checkpoint(model)
         if init_from is None:
@@ -99,6 +104,7 @@ def train_command(
     quiet_transformers()
     set_threads(threads)
     config = HyperTrainConfig(mode=mode.value, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
+                              weight_decay=weight_decay, hypernet={} if dropout is None else {"dropout": dropout},
                               seed=seed, steps_limit=steps_limit, save_every=save_every, eval_every=eval_every,
                               eval_instances=eval_instances)
     sni = load_sni(data or default_sni_file())
