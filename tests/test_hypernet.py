@@ -280,6 +280,9 @@ def test_eval_every_keeps_the_lowest_heldout_loss_weights_without_changing_train
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     records = _heldout_records(out)
     assert [r["step"] for r in records] == [0, 2, 4, 6]  # the start, then every 2 of the 6 steps
+    # The epoch that ends at step 6 reports the loss just measured there rather than measuring it again.
+    assert run.state.history[-1]["step"] == 6
+    assert round(run.state.history[-1]["heldout_loss"], 5) == records[-1]["heldout_loss"]
     lowest = min(records + [{"step": h["step"], "heldout_loss": h["heldout_loss"]} for h in run.state.history],
                  key=lambda r: r["heldout_loss"])
     assert run.state.best["step"] == lowest["step"]

@@ -159,7 +159,8 @@ class RunSpec:
 
 @dataclass
 class _Run:
-    """Everything a run needs, built once (``loop``: the training loop's state, updated every step)."""
+    """Everything a run needs, built once (``loop``: the training loop's state, updated every step;
+    ``measured``: step and held-out loss of the latest ``eval_every`` measurement, reused at an epoch's end)."""
 
     wrapper: HyperLoraModel
     tokenizer: object
@@ -173,6 +174,7 @@ class _Run:
     out_dir: Path
     log_file: Path
     loop: TrainState | None = None
+    measured: tuple[int, float] | None = None
 
 
 def train_hypernet(base: nn.Module, tokenizer, data: SniData, encoder: DescriptionEncoder, out_dir: str | Path,
@@ -411,10 +413,17 @@ def _run_epoch(run: _Run, mode, state: RunState, examples: list[TokenizedExample
     _save(run, state)
 
 
-def _evaluate(run: _Run, with_adapter: bool) -> dict:
+def _heldout_loss(run: _Run, with_adapter: bool) -> float:
+    return answer_loss(run.wrapper, run.heldout_examples, with_adapter, pad_id=run.tokenizer.pad_token_id or 0)
+
+
+def _evaluate(run: _Run, with_adapter: bool, step: int | None = None) -> dict:
+    """Held-out metrics; the loss is not recomputed when ``eval_every`` just measured these weights (``step``)."""
     started = time.perf_counter()
-    pad = run.tokenizer.pad_token_id or 0
-    metrics = {"heldout_loss": answer_loss(run.wrapper, run.heldout_examples, with_adapter, pad_id=pad)}
+    if with_adapter and run.measured is not None and run.measured[0] == step:
+        metrics = {"heldout_loss": run.measured[1]}
+    else:
+        metrics = {"heldout_loss": _heldout_loss(run, with_adapter)}
     if run.config.eval_instances:
         metrics["heldout_rouge_l"] = rouge_l(run.wrapper, run.tokenizer, run.probe, with_adapter,
                                              run.config.eval_max_new_tokens, run.config.max_length)
@@ -423,7 +432,7 @@ def _evaluate(run: _Run, with_adapter: bool) -> dict:
 
 
 def _end_of_epoch(run: _Run, state: RunState) -> None:
-    metrics = _evaluate(run, with_adapter=True)
+    metrics = _evaluate(run, with_adapter=True, step=state.step)
     losses = _epoch_losses(run.log_file, state.epoch - (0 if state.consumed else 1))
     entry = {"epoch": state.epoch, "step": state.step, **metrics, **losses}
     state.history.append(entry)
@@ -442,9 +451,10 @@ def _periodic_eval(run: _Run, state: RunState) -> None:
     lookup, hook = run.wrapper.row_lookup, run.wrapper.on_loss
     run.wrapper.row_lookup, run.wrapper.on_loss = None, None
     try:
-        loss = answer_loss(run.wrapper, run.heldout_examples, True, pad_id=run.tokenizer.pad_token_id or 0)
+        loss = _heldout_loss(run, with_adapter=True)
     finally:
         run.wrapper.row_lookup, run.wrapper.on_loss = lookup, hook
+    run.measured = (state.step, loss)
     _log(run, {"step": state.step, "epoch": state.epoch, "heldout_loss": round(loss, 5),
                "eval_seconds": round(time.perf_counter() - started, 1)})
     logger.info("step %d: held-out loss %.4f (best %s)", state.step, loss,
