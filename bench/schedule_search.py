@@ -16,6 +16,11 @@ Reference rows: ``anchor`` (no Stage 2) and ``paper`` (Table 7's schedule).
 Records go to ``--out``'s ``.jsonl`` as they finish; a re-run skips what is there (resumable), and more
 ``--users`` extends a finished search. ``--report-only`` rewrites the report.
 
+``--refine K`` is the second round of a successive-halving search: each strategy's K best grid cells (lowest held
+NLL over the users every one of its grid cells has) are run on more users, up to ``--users``; the rest of the grid
+is not. The same K for every strategy keeps the budget equal. The chosen cell is then the finalist with the lowest
+held NLL over the users all finalists share, so one or two users no longer decide a task's schedule alone.
+
     python bench/schedule_search.py --data ../shared/data/lamp-offline --tasks LaMP-4,LaMP-2N,LaMP-1,LaMP-5 \\
         --users 2 --threads 2 --out bench/results/schedule_search
 """
@@ -58,6 +63,10 @@ FACTOR_LRS = {"prisp": ("C", (3e-2, 1e-1, 3e-1)), "oppu": ("B", (3e-2, 1e-1, 3e-
 # gradient's), so their optimum sits lower: on the first LaMP-4 train user both beat the grid's bottom cell (1e-3)
 # with Table 7's 5e-4. Two lower cells for them only; more cells can only help these baselines.
 LOW_LRS = {"pissa": ((1e-4, 1), (3e-4, 1)), "lora-ga": ((1e-4, 1), (3e-4, 1))}
+
+
+def grid_cells(strategy: str) -> list[str]:
+    return [c["cell"] for c in cells(strategy) if c["cell"].startswith("lr=")]
 
 
 def cells(strategy: str | None = None) -> list[dict]:
@@ -179,8 +188,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench/results/schedule_search"))
+    parser.add_argument("--refine", type=int, default=0, metavar="K",
+                        help="run only each strategy's K best grid cells on the users up to --users (0: all)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.refine < 0:
+        parser.error("--refine must be >= 0")
     out = Path(args.out)
     records_path, meta_path = out.with_suffix(".jsonl"), out.with_suffix(".meta.json")
     if not args.report_only:
@@ -201,11 +214,18 @@ def run(args, records_path: Path, meta_path: Path) -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("report_only", "data")),
         "revision": revision, "grid": {"lr_epochs": GRID, "batch_size": BATCH},
         "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+    records = log.records()
     for task in args.tasks.split(","):
         _, _, _, users = search.task(task, args.users, args.seed)
+        plan = {strategy: cells(strategy) for strategy in args.strategies.split(",")}
+        if args.refine:
+            for strategy, grid in plan.items():
+                keep = set(leaders(records, task, strategy, args.refine))
+                plan[strategy] = [c for c in grid if c["cell"] == "anchor" or c["cell"] in keep]
+                print(f"{task} {strategy}: refining {', '.join(sorted(keep))}", flush=True)
         for user in users:  # strategies and cells take turns user by user: load changes hit all alike
-            for strategy in args.strategies.split(","):
-                for cell in cells(strategy):
+            for strategy, grid in plan.items():
+                for cell in grid:
                     if (task, user, strategy, cell["cell"]) in done:
                         continue
                     if cell["cell"] == "anchor" and (task, user, "-", "anchor") in done:
@@ -248,14 +268,56 @@ def summarise(records: list[dict]) -> dict:
     return table
 
 
+def _held(records: list[dict], task: str, strategy: str) -> dict[str, dict[str, float]]:
+    """{grid cell: {user: held NLL}} of one (task, strategy)."""
+    held: dict[str, dict[str, float]] = {}
+    for r in records:
+        if (r["task"], r["strategy"]) == (task, strategy) and r["cell"].startswith("lr="):
+            held.setdefault(r["cell"], {})[r["user"]] = r["held_nll"]
+    return held
+
+
+def _ranked(held: dict[str, dict[str, float]], names) -> list[tuple[str, float, int]]:
+    """(cell, mean held NLL over the users all ``names`` share, users), best first."""
+    names = list(names)
+    common = set.intersection(*(set(held[c]) for c in names)) if names else set()
+    if not common:
+        return []
+    return sorted(((c, statistics.fmean(held[c][u] for u in common), len(common)) for c in names),
+                  key=lambda row: row[1])
+
+
+def leaders(records: list[dict], task: str, strategy: str, k: int) -> list[str]:
+    """The k grid cells of (task, strategy) with the lowest mean held NLL over the users every grid cell has.
+
+    Raises:
+        SystemExit: no user has the whole grid yet (refinement needs a full first round).
+    """
+    held = _held(records, task, strategy)
+    grid = [c for c in grid_cells(strategy) if c in held]
+    ranked = _ranked(held, grid) if len(grid) == len(grid_cells(strategy)) else []
+    if not ranked:
+        raise SystemExit(f"--refine: {task} {strategy} has no user with every grid cell; run the full grid first")
+    return [cell for cell, _, _ in ranked[:k]]
+
+
+def finalists(records: list[dict], task: str, strategy: str) -> list[tuple[str, float, int]]:
+    """The cells run on the most users (all cells before any refinement), ranked over the users they share."""
+    held = _held(records, task, strategy)
+    if not held:
+        return []
+    most = max(len(users) for users in held.values())
+    return _ranked(held, [c for c, users in held.items() if len(users) == most])
+
+
 def chosen(records: list[dict]) -> dict[tuple[str, str], str]:
-    """The grid cell with the lowest held-out NLL per (task, strategy), over users every cell has."""
-    table = summarise(records)
+    """The finalist with the lowest held-out NLL per (task, strategy), over the users the finalists share."""
+    unique = list({(r["task"], r["user"], r["strategy"], r["cell"]): r for r in records}.values())
     picks = {}
-    for task, strategy in sorted({(t, s) for t, s, _ in table if s != "-"}):
-        grid = {c: v for (t, s, c), v in table.items() if (t, s) == (task, strategy) and c.startswith("lr=")}
-        if grid:
-            picks[(task, strategy)] = min(grid, key=lambda c: grid[c]["held_nll"])
+    for task, strategy in sorted({(r["task"], r["strategy"]) for r in unique if r["strategy"] != "-"}):
+        ranked = finalists(unique, task, strategy)
+        if ranked:
+            picks[(task, strategy)] = ranked[0][0]
     return picks
 
 
@@ -283,7 +345,8 @@ def report(records: list[dict], meta: dict) -> str:
              "personalization wall seconds (2 threads). `anchor` = no Stage 2; `paper` = Table 7. "
              "`lrC=` / `lrB=`: the bridge C's (PRISP) or B's (OPPU, LoRA+-style) own learning rate, the other "
              "factor at `lr`; two such cells for each strategy that trains two factors. "
-             "**Bold** = chosen (lowest held NLL in the grid).", ""]
+             "**Bold** = chosen: the lowest held NLL among the finalists (every grid cell, or after `--refine` "
+             "the cells run on the most users), compared over the users they share; see *Refinement*.", ""]
     for task in sorted({t for t, _, _ in table}):
         anchor = table.get((task, "-", "anchor"))
         lines += [f"## {task}", "", "| strategy | cell | users | held NLL | held score | query NLL | query score "
@@ -303,6 +366,16 @@ def report(records: list[dict], meta: dict) -> str:
                              f"{_fmt(row['held_score'])} | {_fmt(row['query_nll'])} | {_fmt(row['query_score'])} | "
                              f"{_fmt(row['steps'], 1)} | {_fmt(row['wall_s'], 1)} | {_fmt(row['peak_rss_mb'], 0)} |")
         lines.append("")
+    refined = []
+    for task, strategy in sorted(picks):
+        ranked = finalists(records, task, strategy)
+        if len(ranked) < len([c for (t, s, c) in table if (t, s) == (task, strategy) and c.startswith("lr=")]):
+            refined += [f"| {task} | {strategy} | {'**' + cell + '**' if i == 0 else cell} | {users} | {nll:.3f} |"
+                        for i, (cell, nll, users) in enumerate(ranked)]
+    if refined:
+        lines += ["## Refinement", "", "Finalists (`--refine`): each strategy's best grid cells after the first "
+                  "round, run on more users; held NLL here is the mean over the users every finalist has.", "",
+                  "| task | strategy | finalist | users | held NLL |", "|---|---|---|---:|---:|", *refined, ""]
     lines += ["## Chosen", "", "| task | strategy | lr | epochs | batch | lr_B | lr_C |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for (task, strategy), cell in sorted(picks.items()):
