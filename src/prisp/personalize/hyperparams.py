@@ -51,7 +51,7 @@ TUNED: dict[str, dict[str, StageHyperparams]] = {
     "prisp": {
         "LaMP-1": StageHyperparams(4, 2, 0.003, lr_C=0.03),
         "LaMP-2N": StageHyperparams(4, 1, 0.003, lr_C=0.1),
-        "LaMP-4": StageHyperparams(4, 1, 0.003),
+        "LaMP-4": StageHyperparams(4, 2, 0.003),
         "LaMP-5": StageHyperparams(4, 2, 0.003),
     },
     "oppu": {
@@ -63,13 +63,13 @@ TUNED: dict[str, dict[str, StageHyperparams]] = {
     "no-bridge": {
         "LaMP-1": StageHyperparams(4, 2, 0.003),
         "LaMP-2N": StageHyperparams(4, 1, 0.003),
-        "LaMP-4": StageHyperparams(4, 1, 0.003),
+        "LaMP-4": StageHyperparams(4, 2, 0.003),
         "LaMP-5": StageHyperparams(4, 2, 0.003),
     },
     "bridge-only": {
         "LaMP-1": StageHyperparams(4, 1, 0.1),
         "LaMP-2N": StageHyperparams(4, 1, 0.1),
-        "LaMP-4": StageHyperparams(4, 1, 0.1),
+        "LaMP-4": StageHyperparams(4, 1, 0.3),
         "LaMP-5": StageHyperparams(4, 1, 0.1),
     },
     # Table 4's SVD starts: the same grid plus two lower cells (their optimum sits below PRISP's).
