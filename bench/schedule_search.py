@@ -206,7 +206,11 @@ def main() -> None:
 
 def run(args, records_path: Path, meta_path: Path) -> None:
     log = JsonlLog(records_path)
-    done = {(r["task"], r["user"], r["strategy"], r["cell"]) for r in log}
+    records = log.records()
+    done = {(r["task"], r["user"], r["strategy"], r["cell"]) for r in records}
+    strategies = args.strategies.split(",")
+    # Every task's plan before the model loads: a refinement that cannot run is refused before any work.
+    plans = {task: plan(records, task, strategies, args.refine) for task in args.tasks.split(",")}
     search = Search(args.data, args.threads)
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
@@ -214,17 +218,13 @@ def run(args, records_path: Path, meta_path: Path) -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("report_only", "data")),
         "revision": revision, "grid": {"lr_epochs": GRID, "batch_size": BATCH},
         "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-    records = log.records()
-    for task in args.tasks.split(","):
+    for task, grids in plans.items():
         _, _, _, users = search.task(task, args.users, args.seed)
-        plan = {strategy: cells(strategy) for strategy in args.strategies.split(",")}
         if args.refine:
-            for strategy, grid in plan.items():
-                keep = set(leaders(records, task, strategy, args.refine))
-                plan[strategy] = [c for c in grid if c["cell"] == "anchor" or c["cell"] in keep]
-                print(f"{task} {strategy}: refining {', '.join(sorted(keep))}", flush=True)
+            for strategy, grid in grids.items():
+                print(f"{task} {strategy}: refining {', '.join(sorted(c['cell'] for c in grid[1:]))}", flush=True)
         for user in users:  # strategies and cells take turns user by user: load changes hit all alike
-            for strategy, grid in plan.items():
+            for strategy, grid in grids.items():
                 for cell in grid:
                     if (task, user, strategy, cell["cell"]) in done:
                         continue
@@ -241,6 +241,20 @@ def run(args, records_path: Path, meta_path: Path) -> None:
     meta["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     earlier = json.loads(meta_path.read_text()).get("runs", []) if meta_path.exists() else []
     write_json_atomic(meta_path, {**meta, "runs": earlier + [meta]})
+
+
+def plan(records: list[dict], task: str, strategies: list[str], refine: int) -> dict[str, list[dict]]:
+    """Each strategy's cells to run on ``task``: the whole grid, or with ``refine`` K the anchor and its K leaders.
+
+    Raises:
+        SystemExit: ``refine`` without a full first round (:func:`leaders`).
+    """
+    grids = {strategy: cells(strategy) for strategy in strategies}
+    if refine:
+        for strategy, grid in grids.items():
+            keep = set(leaders(records, task, strategy, refine))
+            grids[strategy] = [c for c in grid if c["cell"] == "anchor" or c["cell"] in keep]
+    return grids
 
 
 def _mean(values) -> float | None:
@@ -293,9 +307,8 @@ def leaders(records: list[dict], task: str, strategy: str, k: int) -> list[str]:
     Raises:
         SystemExit: no user has the whole grid yet (refinement needs a full first round).
     """
-    held = _held(records, task, strategy)
-    grid = [c for c in grid_cells(strategy) if c in held]
-    ranked = _ranked(held, grid) if len(grid) == len(grid_cells(strategy)) else []
+    held, grid = _held(records, task, strategy), grid_cells(strategy)
+    ranked = _ranked(held, grid) if all(c in held for c in grid) else []
     if not ranked:
         raise SystemExit(f"--refine: {task} {strategy} has no user with every grid cell; run the full grid first")
     return [cell for cell, _, _ in ranked[:k]]
@@ -310,15 +323,15 @@ def finalists(records: list[dict], task: str, strategy: str) -> list[tuple[str, 
     return _ranked(held, [c for c, users in held.items() if len(users) == most])
 
 
+def all_finalists(records: list[dict]) -> dict[tuple[str, str], list[tuple[str, float, int]]]:
+    """:func:`finalists` of every searched (task, strategy); a resumed run's repeats count once (the last)."""
+    pairs = sorted({(r["task"], r["strategy"]) for r in records if r["strategy"] != "-"})
+    return {pair: ranked for pair in pairs if (ranked := finalists(records, *pair))}
+
+
 def chosen(records: list[dict]) -> dict[tuple[str, str], str]:
     """The finalist with the lowest held-out NLL per (task, strategy), over the users the finalists share."""
-    unique = list({(r["task"], r["user"], r["strategy"], r["cell"]): r for r in records}.values())
-    picks = {}
-    for task, strategy in sorted({(r["task"], r["strategy"]) for r in unique if r["strategy"] != "-"}):
-        ranked = finalists(unique, task, strategy)
-        if ranked:
-            picks[(task, strategy)] = ranked[0][0]
-    return picks
+    return {pair: ranked[0][0] for pair, ranked in all_finalists(records).items()}
 
 
 def parse_cell(cell: str) -> dict:
@@ -333,7 +346,8 @@ def parse_cell(cell: str) -> dict:
 
 def report(records: list[dict], meta: dict) -> str:
     table = summarise(records)
-    picks = chosen(records)
+    ranked_by = all_finalists(records)
+    picks = {pair: ranked[0][0] for pair, ranked in ranked_by.items()}
     lines = ["# Stage-2 schedule search (train users)", "",
              "Source of `--schedule tuned` (`prisp.personalize.hyperparams.TUNED`). Written by:", "",
              *[f"    {run['command']}  # revision {run['revision']}; uptime before: {run['uptime_start']}; "
@@ -367,8 +381,7 @@ def report(records: list[dict], meta: dict) -> str:
                              f"{_fmt(row['steps'], 1)} | {_fmt(row['wall_s'], 1)} | {_fmt(row['peak_rss_mb'], 0)} |")
         lines.append("")
     refined = []
-    for task, strategy in sorted(picks):
-        ranked = finalists(records, task, strategy)
+    for (task, strategy), ranked in ranked_by.items():
         if len(ranked) < len([c for (t, s, c) in table if (t, s) == (task, strategy) and c.startswith("lr=")]):
             refined += [f"| {task} | {strategy} | {'**' + cell + '**' if i == 0 else cell} | {users} | {nll:.3f} |"
                         for i, (cell, nll, users) in enumerate(ranked)]

@@ -4,6 +4,8 @@ once some cells have more users than others."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,21 @@ def test_without_refinement_the_lowest_grid_cell_is_chosen_and_no_refinement_sec
     report = search.report([{**r, "held_score": None, "query_nll": 1.0, "query_score": 0.0, "wall_s": 1.0,
                               "peak_rss_mb": 1.0, "steps": 5} for r in records], {})
     assert "## Refinement" not in report
+
+
+def test_plan_keeps_the_anchor_and_the_leaders_only_when_refining():
+    search = _search()
+    records = _full_round(search)
+    full = search.plan(records, "LaMP-4", ["no-bridge"], 0)["no-bridge"]
+    assert [c["cell"] for c in full] == [c["cell"] for c in search.cells("no-bridge")]
+    refined = search.plan(records, "LaMP-4", ["no-bridge"], 2)["no-bridge"]
+    assert [c["cell"] for c in refined] == ["anchor", *search.grid_cells("no-bridge")[:2]]
+
+
+def test_cli_refuses_a_refinement_without_a_first_round_before_loading_anything(tmp_path):
+    out = tmp_path / "search"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--refine", "2", "--tasks", "LaMP-4", "--strategies",
+                             "prisp", "--out", str(out), "--data", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "LaMP-4 prisp has no user with every grid cell" in result.stderr
+    assert not out.with_suffix(".md").exists() and not out.with_suffix(".meta.json").exists()
